@@ -1,0 +1,73 @@
+"""One typed ``Settings`` for ehrflow.
+
+Values come from (highest first) keyword arguments, environment variables with the prefix
+``EHRFLOW_`` (nested with ``__``, e.g. ``EHRFLOW_LLM__BACKEND=openai``), a YAML file named by
+``EHRFLOW_CONFIG``, then the defaults below. The defaults are the embedded laptop profile;
+``deploy/cluster.yaml`` shows the cluster profile. Switching is configuration only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class RaySettings(BaseModel):
+    address: str | None = None
+    """``None`` starts a local Ray; ``"auto"`` or ``ray://host:10001`` joins a cluster."""
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EHRFLOW_", env_nested_delimiter="__", extra="ignore")
+
+    profile: Literal["local", "cluster"] = "local"
+    home: Path = Field(default_factory=lambda: Path(os.environ.get("EHRFLOW_HOME", ".ehrflow")))
+    """Where the embedded stores live (SQLite, Chroma, checkpoints, caches)."""
+    store_url: str | None = None
+    """SQLAlchemy URL of the patient store; default ``sqlite:///<home>/patients.db``."""
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+    @property
+    def patient_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.home / 'patients.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``EHRFLOW_CONFIG``, if any."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("EHRFLOW_CONFIG")
+        if not path:
+            return {}
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"EHRFLOW_CONFIG={path}: no such file")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        return data.get("settings", data)
+
+
+def get_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
