@@ -46,6 +46,12 @@ class ErrorSink:
 
     skip_invalid: bool = False
     rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[Rejected] = field(default_factory=list)
+    """Rows the source itself marks as unusable (e.g. PhysioNet rows without a parameter name):
+    left out and listed, in strict mode too."""
+
+    def warn(self, err: RecordError) -> None:
+        self.warnings.append(Rejected(err.source, err.location, err.field, err.message))
 
     def report(self, err: RecordError) -> None:
         if not self.skip_invalid:
@@ -54,5 +60,6 @@ class ErrorSink:
 
     def write_report(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps([asdict(r) for r in self.rejected], indent=2))
+        report = {"rejected": [asdict(r) for r in self.rejected], "warnings": [asdict(r) for r in self.warnings]}
+        path.write_text(json.dumps(report, indent=2))
         return path

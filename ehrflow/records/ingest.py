@@ -21,6 +21,7 @@ class IngestReport:
     units: int = 0
     result: IngestResult = field(default_factory=IngestResult)
     rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[Rejected] = field(default_factory=list)
 
 
 def ingest_path(
@@ -54,5 +55,6 @@ def ingest_path(
         report.result.updated += res.updated
         report.result.unchanged += res.unchanged
         report.rejected.extend(sink.rejected)
+        report.warnings.extend(sink.warnings)
         log.info("ingested %s unit %s: %s", fmt, unit.name, res)
     return report

@@ -6,6 +6,7 @@
 - **30-day readmission**: the patient has another admission whose admit time falls within 30
   days after this admission's discharge. Admissions ending in death are excluded (label ``None``),
   as are admissions without a discharge time.
+- Only inpatient admissions (``Admission.inpatient``) are labelled or count as readmissions.
 - **Length of stay**: (discharge - admit) in days.
 """
 
@@ -29,7 +30,7 @@ def died_during(adm: Admission, deceased_time: dt.datetime | None) -> bool | Non
 def derive_outcomes(patient: Patient) -> Patient:
     """Fill the derived fields of every admission's ``Outcomes`` in place and return the patient."""
     adms = sorted(
-        (a for a in patient.admissions if a.time_basis == "absolute"),
+        (a for a in patient.admissions if a.time_basis == "absolute" and a.inpatient),
         key=lambda a: a.admit_time or dt.datetime.max.replace(tzinfo=dt.UTC),
     )
     for i, adm in enumerate(adms):

@@ -143,6 +143,9 @@ class Admission(_Record):
     discharge_time: dt.datetime | None = None
     time_basis: Literal["absolute", "relative"] = "absolute"
     admission_type: str | None = None
+    inpatient: bool = True
+    """False for ambulatory/wellness encounters (FHIR, Synthea): they get no outcome labels and
+    do not count as readmissions."""
     icu_stays: list[ICUStay] = Field(default_factory=list)
     diagnoses: list[Code] = Field(default_factory=list)
     procedures: list[Code] = Field(default_factory=list)
