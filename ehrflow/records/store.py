@@ -59,7 +59,9 @@ class CohortFilter:
             key, sep, raw = part.partition("=")
             key, raw = key.strip(), raw.strip()
             if not sep or key not in cls.__dataclass_fields__:
-                raise ValueError(f"cohort filter: unknown or malformed term {part!r}; keys: {sorted(cls.__dataclass_fields__)}")
+                raise ValueError(
+                    f"cohort filter: unknown or malformed term {part!r}; keys: {sorted(cls.__dataclass_fields__)}"
+                )
             if key in {"has_notes", "has_measurements", "died_in_hospital"}:
                 if raw.lower() not in {"true", "false"}:
                     raise ValueError(f"cohort filter: {key} must be true or false, got {raw!r}")
@@ -195,7 +197,9 @@ class PatientStore:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             with self.engine.connect() as conn:
-                rows = dict(conn.execute(sa.select(PATIENTS.c.id, PATIENTS.c.document).where(PATIENTS.c.id.in_(chunk))).all())
+                rows = dict(
+                    conn.execute(sa.select(PATIENTS.c.id, PATIENTS.c.document).where(PATIENTS.c.id.in_(chunk))).all()
+                )
             for pid in chunk:
                 yield _decode(rows[pid])
 
