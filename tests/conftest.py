@@ -30,3 +30,27 @@ def store(tmp_path):
     from ehrflow.records import PatientStore
 
     return PatientStore(tmp_path / "patients.db")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance for the whole test session (``ray.init`` costs 5-7 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
+    yield ray
+    # Ray is shut down once, at the end of the session (see pytest_sessionfinish).
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
