@@ -24,6 +24,9 @@ def died_during(adm: Admission, deceased_time: dt.datetime | None) -> bool | Non
         return False if adm.discharge_time else None
     if adm.admit_time is None or adm.discharge_time is None:
         return None
+    if deceased_time.time() == dt.time(0) and deceased_time.tzinfo == dt.UTC:
+        # A date-only death (Synthea, FHIR deceasedDate): compare calendar days.
+        return adm.admit_time.date() <= deceased_time.date() <= adm.discharge_time.date() + dt.timedelta(days=1)
     return adm.admit_time <= deceased_time <= adm.discharge_time + dt.timedelta(days=1)
 
 
