@@ -17,17 +17,14 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (extr
 
 
 class Finding(BaseModel):
-    name: Annotated[str, Field(max_length=30)]
+    name: Annotated[str, Field(max_length=20)]
     abnormal: bool
-
-
-class Findings(BaseModel):
-    findings: list[Finding] = Field(max_length=3)
 
 
 @pytest.fixture
 def config(tmp_path) -> LLMConfig:
-    return LLMConfig(backend="local", cache=False, n_ctx=1024, n_threads=2, max_tokens=32)
+    # One thread: on a shared 2-core machine a second llama.cpp thread mostly waits at barriers.
+    return LLMConfig(backend="local", cache=False, n_ctx=1024, n_threads=1, max_tokens=32)
 
 
 def test_default_model_ships_in_the_wheel():
@@ -38,22 +35,22 @@ def test_default_model_ships_in_the_wheel():
 def test_plain_chat_completes_and_counts_tokens(config):
     llm = build_llm(config)
     assert isinstance(llm, LocalLLM)
-    result = llm.complete([{"role": "user", "content": "Name one symptom of the flu."}], max_tokens=16)
+    result = llm.complete([{"role": "user", "content": "Name one symptom of the flu."}], max_tokens=8)
     assert result.text.strip()
-    assert result.prompt_tokens > 5 and 0 < result.completion_tokens <= 16
+    assert result.prompt_tokens > 5 and 0 < result.completion_tokens <= 8
     assert llm.usage.completion_tokens == result.completion_tokens and llm.usage.wall_s > 0
 
 
 def test_bounded_schema_gives_a_model_or_a_typed_failure(config):
-    llm = LocalLLM(config.model_copy(update={"max_tokens": 96, "retries": 1}))
-    messages = [{"role": "user", "content": "Findings: potassium 6.1 mmol/L (high), sodium 139 mmol/L (normal)."}]
+    llm = LocalLLM(config.model_copy(update={"max_tokens": 40, "retries": 0}))
+    messages = [{"role": "user", "content": "Potassium 6.1 mmol/L (reference 3.5-5.0). Report the finding."}]
     try:
-        result = llm.structured(messages, Findings)
+        result = llm.structured(messages, Finding)
     except LLMOutputError as exc:
-        assert exc.attempts == 2 and isinstance(exc.raw_text, str)
+        assert exc.attempts == 1 and isinstance(exc.raw_text, str)
     else:
-        assert isinstance(result, Findings) and len(result.findings) <= 3
-    assert llm.usage.calls >= 1 and llm.usage.completion_tokens > 0
+        assert isinstance(result, Finding) and len(result.name) <= 20
+    assert llm.usage.calls == 1 and llm.usage.completion_tokens > 0
 
 
 def test_model_is_loaded_once_per_process(config):
@@ -63,9 +60,9 @@ def test_model_is_loaded_once_per_process(config):
 
 def test_cached_answer_is_reused(config, tmp_path):
     cached = config.model_copy(update={"cache": True, "cache_path": tmp_path / "llm.sqlite"})
-    first = LocalLLM(cached).complete([{"role": "user", "content": "Say hi."}], max_tokens=8)
+    first = LocalLLM(cached).complete([{"role": "user", "content": "Say hi."}], max_tokens=4)
     again = LocalLLM(cached)
-    second = again.complete([{"role": "user", "content": "Say hi."}], max_tokens=8)
+    second = again.complete([{"role": "user", "content": "Say hi."}], max_tokens=4)
     assert second.cached and second.text == first.text and again.usage.calls == 0
 
 
