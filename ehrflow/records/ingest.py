@@ -44,11 +44,12 @@ def ingest_path(
     loader = get_loader(fmt)
     report = IngestReport()
     units = loader.units(path)
-    for unit in units:
+    for number, unit in enumerate(units, 1):
         sink = ErrorSink(skip_invalid=skip_invalid)
         patients = (derive_outcomes(p) for p in loader.load(unit, sink))
         if progress:
-            patients = tqdm(patients, desc=unit.name, unit=" patients", leave=False)
+            # File names can carry patient names (Synthea bundles): the bar shows a counter instead.
+            patients = tqdm(patients, desc=f"{fmt} file {number}/{len(units)}", unit=" patients", leave=False)
         res = store.ingest(patients)
         report.units += 1
         report.result.inserted += res.inserted
@@ -56,5 +57,6 @@ def ingest_path(
         report.result.unchanged += res.unchanged
         report.rejected.extend(sink.rejected)
         report.warnings.extend(sink.warnings)
-        log.info("ingested %s unit %s: %s", fmt, unit.name, res)
+        log.info("ingested %s file %d/%d: %s", fmt, number, len(units), res)
+        log.debug("file %d is %s", number, unit)
     return report
