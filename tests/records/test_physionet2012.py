@@ -207,3 +207,17 @@ def test_truncated_tarball_names_the_archive_and_leaves_store_unchanged(tmp_path
     assert err.source == str(path) and err.location.startswith("member set-a/91")
     assert "truncated or corrupt tarball" in str(err)
     assert store.summary() == before
+
+
+def test_extracted_folder_is_a_unit_unless_its_tarball_is_beside_it(tmp_path):
+    tarball = _good_set(tmp_path, n=3)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path, filter="data")
+    loader = PhysioNet2012Loader()
+    assert loader.units(tmp_path) == [tarball]
+    tarball.unlink()
+    [folder] = loader.units(tmp_path)
+    assert folder == tmp_path / "set-a"
+    patients = list(loader.load(folder, ErrorSink()))
+    assert [p.id for p in patients] == ["p12-900000", "p12-900001", "p12-900002"]
+    assert patients[1].admissions[0].outcomes.in_hospital_death is True

@@ -1,0 +1,54 @@
+"""The default embedder loads offline from the installed package and returns normalised float32 vectors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from ehrflow.retrieval.embedder import DEFAULT_MODEL_NAME, Embedder, SentenceTransformerEmbedder, default_model_path
+
+
+def test_default_model_loads_offline_with_shape_and_normalisation():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    embedder = SentenceTransformerEmbedder()
+    assert isinstance(embedder, Embedder)
+    assert embedder.name == DEFAULT_MODEL_NAME
+    assert embedder.model_path == default_model_path()
+    vectors = embedder.encode(["hyperkalemia", "type 2 diabetes mellitus", "metformin 500 mg twice daily"])
+    assert vectors.shape == (3, embedder.dim) == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.encode([]).shape == (0, 384)
+
+
+def test_similar_texts_are_closer_than_unrelated_ones():
+    a, b, c = SentenceTransformerEmbedder().encode(["high blood potassium", "hyperkalemia", "broken wrist"])
+    assert a @ b > a @ c + 0.2
+
+
+def test_model_is_loaded_once_per_process():
+    first, second = SentenceTransformerEmbedder(), SentenceTransformerEmbedder(model=str(default_model_path()))
+    assert first._model() is second._model()
+
+
+def test_hub_names_and_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="runs offline"):
+        SentenceTransformerEmbedder("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ValueError, match="backend"):
+        SentenceTransformerEmbedder(backend="tensorflow")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of texts"):
+        SentenceTransformerEmbedder().encode("one string")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="exporting to ONNX needs the onnx package")
+def test_onnx_backend_reproduces_torch_vectors(tmp_path):
+    texts = ["Hyperkalemia", "elevated serum potassium levels in a patient with chronic kidney disease", "CHF"]
+    torch_vectors = SentenceTransformerEmbedder().encode(texts)
+    onnx = SentenceTransformerEmbedder(backend="onnx", onnx_cache=tmp_path)
+    onnx_vectors = onnx.encode(texts, batch_size=2)  # mixed lengths in one batch exercise the padding mask
+    assert onnx.name == DEFAULT_MODEL_NAME and onnx_vectors.dtype == np.float32
+    np.testing.assert_allclose(np.sum(torch_vectors * onnx_vectors, axis=1), 1.0, atol=1e-4)
+    assert len(list(tmp_path.rglob("model.onnx"))) == 1
