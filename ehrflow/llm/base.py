@@ -122,6 +122,10 @@ class LLMUnavailableError(LLMError):
     """The backend cannot be used: server unreachable or timing out, or a package not installed."""
 
 
+class LLMContextError(LLMError):
+    """The prompt plus the requested answer does not fit the model's context window."""
+
+
 class LLMOutputError(LLMError):
     """The model's answer did not validate after all retries. Keeps the evidence for the report."""
 

@@ -14,7 +14,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ehrflow.llm.base import BaseLLM, GenerationRequest, LLMConfig, LLMError, LLMUnavailableError, RawCompletion
+from ehrflow.llm.base import (
+    BaseLLM,
+    GenerationRequest,
+    LLMConfig,
+    LLMContextError,
+    LLMUnavailableError,
+    RawCompletion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ class LocalLLM(BaseLLM):
             with self._lock:
                 out = self._llama.create_chat_completion(**kwargs)
         except ValueError as exc:  # llama-cpp-python reports a prompt longer than n_ctx this way
-            raise LLMError(f"{self.model_path.name}: {exc} (n_ctx={self.config.n_ctx})") from exc
+            raise LLMContextError(f"{self.model_path.name}: {exc} (n_ctx={self.config.n_ctx})") from exc
         text = out["choices"][0]["message"]["content"] or ""
         usage = out.get("usage") or {}
         return RawCompletion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
