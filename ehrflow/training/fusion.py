@@ -365,6 +365,8 @@ def to_tensors(fs: FeatureSet, model_cfg: FusionModelConfig) -> dict[str, torch.
     def text(arr: np.ndarray) -> torch.Tensor:
         if arr.shape[1] == model_cfg.text_dim:
             return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if arr.shape[1] != 0:
+            raise ValueError(f"text embeddings have dimension {arr.shape[1]}, the model expects {model_cfg.text_dim}")
         return torch.zeros(n, model_cfg.text_dim)
 
     return {
@@ -558,6 +560,7 @@ def train_fusion(
         "model_config": model_cfg.model_dump(mode="json"),
         "data_dir": str(prepared.data_dir),
         "phenotype_names": phenotype_names,
+        "normalizer": prepared.normalizer.model_dump(mode="json"),  # checkpoints stay usable without data_dir
     }
     (run_dir / "fusion_config.json").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "fusion_config.json").write_text(json.dumps(meta, indent=2))

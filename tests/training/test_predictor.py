@@ -1,0 +1,90 @@
+"""FusionPredictor on a tiny checkpoint trained in Ray Train local mode on real PhysioNet 2012 stays."""
+
+import hashlib
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ehrflow.agents.types import HealthSummary, Statement
+from ehrflow.records.errors import ErrorSink
+from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
+from ehrflow.training.features import FeatureSet
+from ehrflow.training.fusion import FusionTrainConfig, load_fusion_model, predict, to_tensors, train_fusion
+from ehrflow.training.predictor import FusionPredictor, PredictionUnavailable
+
+
+class HashEncoder:
+    """A deterministic stand-in for the sentence encoder."""
+
+    def encode(self, texts):
+        return np.array(
+            [np.frombuffer(hashlib.sha256(t.encode()).digest()[:16], dtype=np.uint8) / 255.0 for t in texts],
+            dtype=np.float32,
+        )
+
+
+def _summary(text: str) -> HealthSummary:
+    return HealthSummary(task="general", statements=[Statement(text=text, citations=["m1"])])
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
+    patients = list(itertools.islice(stream, 80))
+    stream.close()
+    summaries = {p.id: _summary(f"patient summary {i}") for i, p in enumerate(patients[::2])}
+    root = tmp_path_factory.mktemp("predictor")
+    config = FusionTrainConfig.model_validate(
+        {
+            "modalities": ["timeseries", "static", "stats", "summary"],
+            "tasks": ["mortality"],
+            "split": {"fractions": [0.6, 0.2, 0.2], "seed": 1},
+            "model": {"hidden": 8, "heads": 2},
+            "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
+            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "tiny"},
+            "n_bootstrap": 0,
+        }
+    )
+    texts = {pid: s.text for pid, s in summaries.items()}
+    result = train_fusion(config, patients, summaries=texts, text_encoder=HashEncoder())
+    return result, patients, summaries
+
+
+def test_predictions_match_the_evaluation_path(trained):
+    result, patients, summaries = trained
+    test_split = FeatureSet.load(result.run_dir / "data" / "test.npz")
+    model, _ = load_fusion_model(result.checkpoint)
+    scores = predict(model, to_tensors(test_split, model.cfg), ["mortality"])["mortality"]
+    expected = dict(zip(test_split.patient_ids, scores, strict=True))
+    shutil.rmtree(result.run_dir / "data")  # the checkpoint carries its own normalizer
+    predictor = FusionPredictor.from_checkpoint(result.checkpoint, text_encoder=HashEncoder())
+    assert predictor.outputs == ["mortality"]
+    by_id = {p.id: p for p in patients}
+    checked_with_summary = 0
+    for pid, probability in expected.items():
+        got = predictor(by_id[pid], summaries.get(pid))
+        assert set(got) == {"mortality"}
+        assert got["mortality"] == pytest.approx(float(probability), abs=1e-5)
+        checked_with_summary += pid in summaries
+    assert 0 < checked_with_summary < len(expected)
+
+    pid = next(pid for pid in expected if pid in summaries)
+    assert predictor(by_id[pid], None)["mortality"] != pytest.approx(float(expected[pid]), abs=1e-7)
+
+
+def test_unscorable_patients_raise_a_clear_error(trained):
+    result, patients, _ = trained
+    predictor = FusionPredictor.from_checkpoint(result.checkpoint, text_encoder=HashEncoder())
+    admission = patients[0].admissions[0]
+    no_measurements = patients[0].model_copy(update={"admissions": [admission.model_copy(update={"measurements": []})]})
+    with pytest.raises(PredictionUnavailable, match="no measurement in its first 48 h"):
+        predictor(no_measurements, None)
+    outpatient = patients[0].model_copy(update={"admissions": [admission.model_copy(update={"inpatient": False})]})
+    with pytest.raises(PredictionUnavailable, match="no inpatient admission"):
+        predictor(outpatient, None)
+    with pytest.raises(ValueError, match="text encoder is required"):
+        FusionPredictor(predictor.model, predictor.normalizer, [], text_encoder=None)
