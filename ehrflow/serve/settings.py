@@ -1,0 +1,82 @@
+"""Serving configuration: ports, limits, the job store URL, and Ray Serve deployment options.
+
+``Settings`` can include this as its ``serve`` section; until it does, :func:`serve_settings`
+reads the ``serve:`` mapping of the YAML named by ``EHRFLOW_CONFIG`` and ``EHRFLOW_SERVE__*``
+environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ehrflow.config import Settings
+
+
+class DeploymentOptions(BaseModel):
+    """Options passed to ``Deployment.options``: replicas or autoscaling, and actor resources."""
+
+    num_replicas: int | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    """e.g. ``{min_replicas: 1, max_replicas: 8, target_ongoing_requests: 2}``; replaces ``num_replicas``."""
+    max_ongoing_requests: int = 8
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+
+    def as_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options,
+        }
+        if self.autoscaling_config:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EHRFLOW_SERVE__", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "ehrflow"
+    jobs_url: str | None = None
+    """SQLAlchemy URL of the job and API-key store; default ``sqlite:///<home>/serve.db``."""
+    default_tenant: str = "default"
+    """Owner of patients that were not posted over HTTP (e.g. the demo cohort ingested by the CLI)."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_queued_jobs: int = 100
+    retry_after_s: int = 5
+    job_workers: int = 2
+    """Jobs one ingress replica runs at a time."""
+    job_lease_s: float = 30.0
+    """A running job whose lease is not renewed for this long (its replica died) is taken over."""
+    job_max_attempts: int = 3
+    poll_interval_s: float = 0.5
+    ingress: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    workflow: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=4))
+
+    def resolved_jobs_url(self, settings: Settings) -> str:
+        return self.jobs_url or f"sqlite:///{(Path(settings.home) / 'serve.db').resolve()}"
+
+
+def serve_settings(settings: Settings) -> ServeSettings:
+    """The ``serve`` section of ``settings`` when it has one, else YAML ``serve:`` and env."""
+    own = getattr(settings, "serve", None)
+    if isinstance(own, ServeSettings):
+        return own
+    data: dict[str, Any] = {}
+    path = os.environ.get("EHRFLOW_CONFIG")
+    if path and Path(path).is_file():
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(doc, dict):
+            section = doc.get("settings", doc).get("serve") or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"{path}: 'serve' must be a mapping")
+            data = section
+    return ServeSettings(**data)
