@@ -1,0 +1,521 @@
+"""Retriever fine-tuning in DR.EHR's two stages, trained through Ray Train.
+
+A clinician's query names an entity ("myocardial infarction") that the note may write as a synonym, an abbreviation
+or only imply. DR.EHR teaches a bi-encoder that gap with (entity, chunk) pairs:
+
+- stage 1 (knowledge): the chunk's KG lexical matches (``QueryExpander.ground``), each giving its name, synonyms
+  and parent concepts as queries for that chunk;
+- stage 2 (LLM): the LLM lists entities the chunk states or implies (bounded schema, cached by ``ehrflow/llm``).
+  The small local model is weak, so every listed entity must ground to a KG node by exact/normalised lookup; the
+  rest are dropped and counted in ``PairReport``.
+
+The bi-encoder is fine-tuned with in-batch negatives (MultipleNegativesRanking loss; in-batch items that share the
+positive's chunk or query are masked out, since they are not negatives) inside a ``TorchTrainer`` with a checkpoint
+per epoch. The final weights are exported as a sentence-transformers directory that
+``SentenceTransformerEmbedder(path)`` and ``NoteIndex`` load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from itertools import zip_longest
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ehrflow.knowledge.graph import KnowledgeGraph, Node
+from ehrflow.knowledge.text import casefold_key
+from ehrflow.llm.base import LLM, LLMConfig, LLMError
+from ehrflow.records.model import Patient
+from ehrflow.retrieval.expansion import HIERARCHY_RELATIONS, QueryExpander
+from ehrflow.retrieval.notes import patient_chunks
+from ehrflow.training.ray_utils import (
+    RayTrainConfig,
+    latest_checkpoint,
+    load_state,
+    report_epoch,
+    run_config,
+    scaling_config,
+    seed_everything,
+    unwrap,
+    world_rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+PairSource = Literal["name", "synonym", "parent", "llm"]
+PAIRS_FILE = "pairs.jsonl"
+REPORT_FILE = "ehrflow_retriever.json"
+HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"
+MAX_QUERY_CHARS = 80
+"""Longer KG labels are descriptions rather than how anyone searches."""
+
+
+class InputSpec(BaseModel):
+    format: str
+    path: Path
+
+
+class RetrieverDataConfig(BaseModel):
+    """Where the notes come from: a ``PatientStore`` (with a cohort filter) or loader inputs."""
+
+    store_url: str | None = None
+    cohort: str = ""
+    inputs: list[InputSpec] = Field(default_factory=list)
+    max_patients: int | None = Field(None, ge=1)
+    max_chunks: int | None = Field(5000, ge=1)
+    """Chunks sampled (seeded) for pair mining; ``None``: all."""
+
+
+class PairOptions(BaseModel):
+    node_types: tuple[str, ...] = ("disease", "effect/phenotype", "drug")
+    max_synonyms: int = Field(3, ge=0)
+    max_parents: int = Field(2, ge=0)
+    max_pairs_per_chunk: int = Field(6, ge=1)
+    llm_stage: bool = True
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    llm_max_chunks: int = Field(200, ge=0)
+    """Chunks sent to the LLM (stage 2 costs one call per chunk; the local model does a few per second at best)."""
+    llm_max_chunk_chars: int = Field(1200, gt=0)
+    llm_max_tokens: int = Field(160, gt=0)
+
+
+class RetrieverOptim(BaseModel):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-5, gt=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    scale: float = Field(20.0, gt=0)
+    """Similarity scale of the MultipleNegativesRanking loss (sentence-transformers' default)."""
+    max_seq_length: int = Field(128, ge=16)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class RetrieverTrainConfig(BaseModel):
+    """Everything ``train_retriever`` needs (``ehrflow train retriever --config retriever.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: Path | None = None
+    """A local sentence-transformers directory; ``None``: ehrflow's default embedder (all-MiniLM-L6-v2)."""
+    output_dir: Path = Path(".ehrflow/models/retriever")
+    overwrite: bool = False
+    data: RetrieverDataConfig = Field(default_factory=RetrieverDataConfig)
+    pairs: PairOptions = Field(default_factory=PairOptions)
+    train: RetrieverOptim = Field(default_factory=RetrieverOptim)
+    ray: RayTrainConfig = Field(default_factory=lambda: RayTrainConfig(name="retriever", checkpoints_to_keep=1))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RetrieverTrainConfig:
+        import yaml
+
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+
+class TrainingPair(BaseModel):
+    query: str
+    chunk_id: str
+    text: str
+    source: PairSource
+    node_id: str
+
+
+class PairReport(BaseModel):
+    """What pair mining found, and what the LLM stage gave and lost."""
+
+    chunks: int = 0
+    chunks_with_pairs: int = 0
+    pairs_by_source: dict[str, int] = Field(default_factory=dict)
+    llm_chunks: int = 0
+    llm_failed_calls: int = 0
+    llm_entities: int = 0
+    llm_grounded: int = 0
+    """LLM entities that named a KG node (of ``node_types``) and added a new pair."""
+    llm_already_known: int = 0
+    """LLM entities that grounded to a query stage 1 had already paired with the chunk."""
+    llm_dropped: int = 0
+    """LLM entities that grounded to no KG node: hallucinated, misspelt or too vague."""
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.pairs_by_source.values())
+
+
+class RetrieverResult(BaseModel):
+    model_dir: Path
+    run_dir: Path
+    checkpoint: Path
+    pair_report: PairReport
+    steps: int
+    train_loss: list[float]
+    """Mean loss per epoch."""
+    wall_seconds: float
+
+
+class _ChunkEntities(BaseModel):
+    """The LLM's answer per chunk: bounded, so a small model terminates."""
+
+    entities: list[Annotated[str, Field(max_length=60)]] = Field(default_factory=list, max_length=8)
+
+
+# ---------------------------------------------------------------------- pair mining
+
+
+def _load_patients(data: RetrieverDataConfig) -> Iterator[Patient]:
+    if data.store_url:
+        from ehrflow.records.store import CohortFilter, PatientStore
+
+        yield from PatientStore(data.store_url).iter_patients(CohortFilter.parse(data.cohort))
+        return
+    if not data.inputs:
+        raise ValueError("data: give store_url or inputs (or pass patients to train_retriever)")
+    from ehrflow.records.errors import ErrorSink
+    from ehrflow.records.loaders import get_loader
+
+    for spec in data.inputs:
+        loader = get_loader(spec.format)
+        for unit in loader.units(spec.path):
+            yield from loader.load(unit, ErrorSink())
+
+
+def sample_chunks(patients: Iterable[Patient], data: RetrieverDataConfig, seed: int) -> list[tuple[str, str]]:
+    """(chunk id, text) of the patients' notes, chunked as ``NoteIndex`` does; a seeded sample of ``max_chunks``."""
+    chunks: list[tuple[str, str]] = []
+    for n, patient in enumerate(patients):
+        if data.max_patients is not None and n >= data.max_patients:
+            break
+        chunks.extend((c.id, c.text) for c in patient_chunks(patient))
+    if data.max_chunks is not None and len(chunks) > data.max_chunks:
+        chunks = random.Random(seed).sample(chunks, data.max_chunks)
+    return chunks
+
+
+class PairMiner:
+    """Builds (entity query, chunk) pairs: KG lexical matches (stage 1), then grounded LLM entities (stage 2)."""
+
+    def __init__(self, kg: KnowledgeGraph, options: PairOptions, llm: LLM | None = None):
+        self.kg = kg
+        self.options = options
+        self.llm = llm
+        self.expander = QueryExpander(kg, node_types=options.node_types)
+        self._is_condition: dict[str, bool] = {}
+
+    def knowledge_queries(self, text: str) -> list[tuple[str, PairSource, str]]:
+        """(query, source, node id) from the KG nodes named in ``text``: names first, then synonyms, then parents."""
+        names, synonyms, parents = [], [], []
+        for _, nodes in self.expander.ground(text):
+            for node in nodes:
+                if not self._names_a_condition(node.id):
+                    continue
+                names.append((node.name, "name", node.id))
+                synonyms.extend((s, "synonym", node.id) for s in node.synonyms[: self.options.max_synonyms])
+                if self.options.max_parents:
+                    for _, parent in self.kg.neighbors(
+                        node.id, relations=HIERARCHY_RELATIONS, direction="out", limit=self.options.max_parents
+                    ):
+                        parents.append((parent.name, "parent", node.id))
+        interleaved = [q for group in zip_longest(names, synonyms, parents) for q in group if q is not None]
+        return _unique(interleaved)  # interleaved, so a per-chunk cap keeps some of each kind
+
+    def _names_a_condition(self, node_id: str) -> bool:
+        """HPO terms outside "Phenotypic abnormality" are modifiers ("Moderate", "Affected"), not entities."""
+        if not node_id.startswith("HP:"):
+            return True
+        if node_id not in self._is_condition:
+            seen, frontier = {node_id}, [node_id]
+            while frontier and HPO_PHENOTYPIC_ABNORMALITY not in seen:
+                parents = [
+                    e.y_id
+                    for nid in frontier
+                    for e in self.kg.edges(nid, relations=["phenotype_phenotype"], direction="out")
+                ]
+                frontier = [p for p in parents if p not in seen]
+                seen.update(frontier)
+            self._is_condition[node_id] = HPO_PHENOTYPIC_ABNORMALITY in seen
+        return self._is_condition[node_id]
+
+    def llm_nodes(self, text: str, report: PairReport) -> list[Node]:
+        """KG nodes for the entities the LLM lists for ``text``; ungrounded ones are counted and dropped."""
+        assert self.llm is not None
+        messages = [
+            {"role": "system", "content": "You list clinical entities. Answer with JSON only."},
+            {
+                "role": "user",
+                "content": "List up to 8 diseases, symptoms or drugs that this clinical note excerpt states or "
+                "clearly implies (for example, 'stent placed in the LAD' implies coronary artery disease). "
+                'Use standard medical names. JSON: {"entities": ["..."]}\n\nExcerpt:\n'
+                + text[: self.options.llm_max_chunk_chars],
+            },
+        ]
+        report.llm_chunks += 1
+        try:
+            answer = self.llm.structured(messages, _ChunkEntities, max_tokens=self.options.llm_max_tokens)
+        except LLMError as err:
+            report.llm_failed_calls += 1
+            log.debug("LLM entity listing failed: %s", err)
+            return []
+        nodes: list[Node] = []
+        for entity in answer.entities:
+            report.llm_entities += 1
+            matches = self.kg.lexical_lookup(entity, types=self.options.node_types) if entity.strip() else []
+            if not matches:
+                report.llm_dropped += 1
+                continue
+            node = next((m.node for m in matches if self._names_a_condition(m.node.id)), None)
+            if node is None:
+                report.llm_dropped += 1
+                continue
+            nodes.append(node)
+        return nodes
+
+    def mine(self, chunks: list[tuple[str, str]], seed: int = 0) -> tuple[list[TrainingPair], PairReport]:
+        report = PairReport(chunks=len(chunks))
+        llm_chunks: set[str] = set()
+        if self.options.llm_stage and self.llm is not None and self.options.llm_max_chunks:
+            ids = [cid for cid, _ in chunks]
+            llm_chunks = set(random.Random(seed).sample(ids, min(len(ids), self.options.llm_max_chunks)))
+        pairs: list[TrainingPair] = []
+        sources: Counter[str] = Counter()
+        for chunk_id, text in chunks:
+            queries = self.knowledge_queries(text)[: self.options.max_pairs_per_chunk]
+            if chunk_id in llm_chunks:
+                known = {casefold_key(q) for q, _, _ in queries}
+                for node in self.llm_nodes(text, report):
+                    if casefold_key(node.name) in known:
+                        report.llm_already_known += 1
+                        continue
+                    known.add(casefold_key(node.name))
+                    report.llm_grounded += 1
+                    queries.append((node.name, "llm", node.id))
+            if queries:
+                report.chunks_with_pairs += 1
+            for query, source, node_id in queries:
+                pairs.append(TrainingPair(query=query, chunk_id=chunk_id, text=text, source=source, node_id=node_id))
+                sources[source] += 1
+        report.pairs_by_source = dict(sources)
+        return pairs, report
+
+
+def _unique(items: list[tuple[str, PairSource, str]]) -> list[tuple[str, PairSource, str]]:
+    seen: set[str] = set()
+    out = []
+    for query, source, node_id in items:
+        key = casefold_key(query)
+        if key and key not in seen and len(query) <= MAX_QUERY_CHARS:
+            seen.add(key)
+            out.append((query, source, node_id))
+    return out
+
+
+# ---------------------------------------------------------------------- training
+
+
+def in_batch_loss(
+    query_vectors: torch.Tensor, chunk_vectors: torch.Tensor, chunk_ids: list[str], queries: list[str], scale: float
+) -> torch.Tensor:
+    """MultipleNegativesRanking loss: each query's chunk against the batch's other chunks.
+
+    Another item with the same chunk or the same query is a positive too, not a negative: it is masked out.
+    """
+    q = torch.nn.functional.normalize(query_vectors, dim=-1)
+    d = torch.nn.functional.normalize(chunk_vectors, dim=-1)
+    scores = scale * q @ d.T
+    n = len(chunk_ids)
+    keys = [casefold_key(t) for t in queries]
+    same = torch.tensor(
+        [[i != j and (chunk_ids[i] == chunk_ids[j] or keys[i] == keys[j]) for j in range(n)] for i in range(n)],
+        device=scores.device,
+    )
+    scores = scores.masked_fill(same, float("-inf"))
+    return torch.nn.functional.cross_entropy(scores, torch.arange(n, device=scores.device))
+
+
+def _encode(model: torch.nn.Module, core: Any, texts: list[str], device: torch.device) -> torch.Tensor:
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in core.tokenize(texts).items()}
+    return model(features)["sentence_embedding"]
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train.torch
+    from sentence_transformers import SentenceTransformer
+
+    config = RetrieverTrainConfig.model_validate_json(loop_config["config"])
+    optim = config.train
+    rank, size = world_rank(), world_size()
+    seed_everything(optim.seed)
+    torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    pairs = [json.loads(line) for line in Path(loop_config["pairs"]).read_text().splitlines()]
+    base = SentenceTransformer(loop_config["base_model"], device=str(device), local_files_only=True)
+    base.max_seq_length = optim.max_seq_length
+    model = ray.train.torch.prepare_model(base)
+    core = unwrap(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr)
+    steps_per_epoch = math.ceil(math.ceil(len(pairs) / size) / optim.batch_size)
+    total_steps = optim.epochs * steps_per_epoch
+    if optim.max_steps:
+        total_steps = min(total_steps, optim.max_steps)
+    warmup = max(1, int(optim.warmup_fraction * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    )
+    step = 0
+    for epoch in range(optim.epochs):
+        if step >= total_steps:
+            break
+        started = time.perf_counter()
+        model.train()
+        order = random.Random(optim.seed * 1000 + epoch).sample(range(len(pairs)), len(pairs))[rank::size]
+        losses: list[float] = []
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            batch = [pairs[i] for i in order[b * optim.batch_size : (b + 1) * optim.batch_size]]
+            if len(batch) < 2:  # keep every rank at the same number of collective steps
+                batch = [pairs[i] for i in order[: optim.batch_size]]
+            queries = [p["query"] for p in batch]
+            loss = in_batch_loss(
+                _encode(model, core, queries, device),
+                _encode(model, core, [p["text"] for p in batch], device),
+                [p["chunk_id"] for p in batch],
+                queries,
+                optim.scale,
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        metrics = {
+            "train/loss": float(sum(losses) / max(1, len(losses))),
+            "train/steps": float(step),
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        report_epoch(
+            metrics,
+            epoch=epoch,
+            state={"model": core.state_dict()},
+            meta={"checkpoints_to_keep": config.ray.checkpoints_to_keep, "steps": step, **loop_config["meta"]},
+            run_dir=config.ray.run_dir,
+            local_mode=config.ray.num_workers == 0,
+        )
+
+
+def _base_model_path(config: RetrieverTrainConfig) -> Path:
+    from ehrflow.retrieval.embedder import _resolve_model
+
+    return _resolve_model(config.base_model)[0]
+
+
+def train_retriever(
+    config: RetrieverTrainConfig,
+    patients: Iterable[Patient] | None = None,
+    *,
+    kg: KnowledgeGraph | None = None,
+    llm: LLM | None = None,
+) -> RetrieverResult:
+    """Mine pairs, fine-tune through Ray Train, export a sentence-transformers directory to ``config.output_dir``.
+
+    ``patients`` default to ``config.data``; ``kg`` to the KG shipped with ehrflow; ``llm`` to
+    ``build_llm(config.pairs.llm)`` when ``config.pairs.llm_stage`` is on.
+    """
+    from ray.train.torch import TorchTrainer
+    from sentence_transformers import SentenceTransformer
+
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    if (output_dir / "modules.json").exists() and not config.overwrite:
+        raise FileExistsError(f"{output_dir}: a model is already there; set overwrite or choose another output_dir")
+    run_dir = config.ray.run_dir
+    if latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir}: the run already has checkpoints; choose a new ray.name")
+    base_model = _base_model_path(config)
+    if kg is None:
+        kg = KnowledgeGraph.default()
+    if llm is None and config.pairs.llm_stage and config.pairs.llm_max_chunks:
+        from ehrflow.llm import build_llm
+
+        llm = build_llm(config.pairs.llm)
+    chunks = sample_chunks(patients if patients is not None else _load_patients(config.data), config.data, 0)
+    if not chunks:
+        raise ValueError("retriever training: the patients have no note text to train on")
+    pairs, report = PairMiner(kg, config.pairs, llm if config.pairs.llm_stage else None).mine(chunks)
+    log.info("retriever pairs: %s from %d chunks", report.pairs_by_source, report.chunks)
+    if len(pairs) < 2:
+        raise ValueError(f"retriever training: only {len(pairs)} (entity, chunk) pairs from {len(chunks)} chunks")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs_path = run_dir / PAIRS_FILE
+    pairs_path.write_text("".join(p.model_dump_json() + "\n" for p in pairs))
+    meta = {"base_model": str(base_model), "pair_report": report.model_dump()}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "config": config.model_dump_json(),
+            "pairs": str(pairs_path),
+            "base_model": str(base_model),
+            "meta": meta,
+        },
+        scaling_config=scaling_config(config.ray),
+        run_config=run_config(config.ray),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    state, saved = load_state(checkpoint)
+    model = SentenceTransformer(str(base_model), device="cpu", local_files_only=True)
+    model.load_state_dict(state["model"])
+    model.max_seq_length = max(model.max_seq_length or 0, config.train.max_seq_length)
+    model.save(str(output_dir))
+    losses = [float(m["train/loss"]) for m in _epoch_metrics(result)]
+    summary = {"base_model": str(base_model), "pair_report": report.model_dump(), "steps": saved.get("steps")}
+    (output_dir / REPORT_FILE).write_text(json.dumps({**summary, "train_loss": losses}, indent=2))
+    return RetrieverResult(
+        model_dir=output_dir.resolve(),
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        pair_report=report,
+        steps=int(saved.get("steps", 0)),
+        train_loss=losses,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _epoch_metrics(result: Any) -> list[dict[str, Any]]:
+    """Per-epoch metrics of the run (Ray's metrics dataframe when it has one, else the final report)."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is not None and len(frame) and "train/loss" in frame:
+        return frame.to_dict("records")
+    return [result.metrics] if result.metrics else []
+
+
+__all__ = [
+    "PairMiner",
+    "PairOptions",
+    "PairReport",
+    "RetrieverDataConfig",
+    "RetrieverOptim",
+    "RetrieverResult",
+    "RetrieverTrainConfig",
+    "TrainingPair",
+    "in_batch_loss",
+    "sample_chunks",
+    "train_retriever",
+]
