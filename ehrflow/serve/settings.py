@@ -60,6 +60,10 @@ class ServeSettings(BaseSettings):
     poll_interval_s: float = 0.5
     ingress: DeploymentOptions = Field(default_factory=DeploymentOptions)
     workflow: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=4))
+    llm_deployment: bool = False
+    """Run the LLM in its own deployment shared by all workflow replicas (e.g. one GGUF model, or
+    ``num_gpus`` for in-process vLLM); off, each workflow replica holds its own LLM client."""
+    llm: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=4))
 
     def resolved_jobs_url(self, settings: Settings) -> str:
         return self.jobs_url or f"sqlite:///{(Path(settings.home) / 'serve.db').resolve()}"
