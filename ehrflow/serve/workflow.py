@@ -118,8 +118,10 @@ class LocalWorkflow:
         start = None if snapshot.values else PatientJobState(patient_id=patient_id, task=wf_task)  # type: ignore[arg-type]
         if snapshot.values:
             log.info("job %s: resuming at %s", job_id, ", ".join(snapshot.next))
-        for _ in self.job_graph.stream(start, config, stream_mode="updates"):
-            on_nodes(len(self.job_graph.get_state(config).values.get("runs", [])))
+        done = len(snapshot.values.get("runs", [])) if snapshot.values else 0
+        for update in self.job_graph.stream(start, config, stream_mode="updates"):
+            done += len(update)  # one entry per node that finished in this step
+            on_nodes(done)
         return PatientJobState.model_validate(self.job_graph.get_state(config).values)
 
     def chat(self, patient_id: str, conversation_id: str, message: str) -> dict[str, Any]:
