@@ -461,7 +461,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     n = len(train["values"])
     generator = torch.Generator().manual_seed(config.train.seed)
     for epoch in range(start_epoch, total_epochs):
-        started = time.perf_counter()
+        started, started_unix = time.perf_counter(), time.time()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
         shard = order[rank::size].to(device)
@@ -504,6 +504,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             else:
                 stale += 1
         metrics["epoch_seconds"] = time.perf_counter() - started
+        # wall-clock stamps let a benchmark measure per-epoch time including the report (train_speed.py)
+        metrics["time/epoch_start_unix"], metrics["time/epoch_end_unix"] = started_unix, time.time()
         state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state}
         meta = {
             "best_score": best_score if math.isfinite(best_score) else None,
