@@ -1,0 +1,251 @@
+"""Medication recommendation on the open EHR demos: NLA-MMR vs GAMENet vs LR/MLP, plus a throughput run.
+
+Quality: for each open cohort (MIMIC-IV demo, MIMIC-III demo, Synthea CSV) the dataset is built
+with the GAMENet/SafeDrug drug mapping (``../shared/data/medrec``), split by patient 2/3, 1/6,
+1/6, every model is trained through ``train_medrec`` (Ray Train local mode, one process) and the
+best-validation-Jaccard checkpoint is scored with 10 bootstrap rounds of 80% of the test patients.
+The "previous visit's drugs" rule is scored on the same rounds. These cohorts are tiny (100
+patients each, of which 13-48 have two usable visits): the test sets hold 3-8 patients, so the
+numbers mostly say that the pipeline runs, not which model is better.
+
+Throughput: a synthetic cohort (default 50k visits, MIMIC-III benchmark-like code counts) trained
+for a bounded number of steps on 1 and 2 Ray workers; reported are measured seconds, patients per
+second and the full epoch time that rate implies (``projected``).
+
+PyHealth: only compared where it installs without a CUDA torch; the result records why not.
+
+    .venv/bin/python benchmarks/medrec.py [--epochs 25] [--scale-visits 50000] [--scale-steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _util import peak_rss_mib, write_result
+
+from ehrflow.records.errors import ErrorSink
+from ehrflow.records.loaders.mimic import Mimic3Loader, Mimic4Loader
+from ehrflow.records.loaders.synthea_csv import SyntheaCsvLoader
+from ehrflow.records.model import Patient
+from ehrflow.training.medrec import MedRecConfig, train_medrec
+from ehrflow.training.medrec_data import OOV, PAD, MedRecDataConfig, MedRecDataset, build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+MODELS = ("nlammr", "gamenet", "mlp", "logreg")
+MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
+PYHEALTH_DRY_RUN = (
+    "pip install --dry-run pyhealth resolves pyhealth 1.1.6 with torch 2.14.1 + nvidia CUDA 13 wheels and "
+    "pandas 1.5.3 (a downgrade from the project's pandas 3): it would replace the CPU torch; not installed"
+)
+
+
+def _patients(cohort: str, scratch: Path) -> list[Patient]:
+    ehr = SHARED / "ehr"
+    if cohort == "mimic4_demo":
+        loader, root = Mimic4Loader(), ehr / "mimic4_demo"
+    elif cohort == "mimic3_demo":
+        loader, root = Mimic3Loader(), scratch / "mimic3_tables"
+        root.mkdir(exist_ok=True)
+        for table in MIMIC3_TABLES:  # the chart events are not needed and take long to parse
+            link = root / f"{table}.csv.gz"
+            if not link.exists():
+                link.symlink_to(ehr / "mimic3_demo" / f"{table}.csv.gz")
+    else:
+        loader, root = SyntheaCsvLoader(), ehr / "synthea" / "csv"
+    return [p for unit in loader.units(root) for p in loader.load(unit, ErrorSink(skip_invalid=True))]
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, str]:
+    return {k: f"{v.mean:.4f} +- {v.sd:.4f}" for k, v in metrics.items()}
+
+
+def _config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Path, **extra: Any) -> MedRecConfig:
+    medrec = SHARED / "medrec"
+    return MedRecConfig.model_validate(
+        {
+            "dataset_dir": str(dataset_dir),
+            "data": {"ddi_pairs": str(medrec / "ddi_atc3_pairs.tsv")},
+            "representations": {
+                "text_encoder": args.text_encoder,
+                "use_kg": args.text_encoder == "default",
+                "smiles_path": str(medrec / "atc3_smiles.tsv"),
+                "cache_dir": str(scratch / "text_cache"),
+            },
+            "model": model,
+            "dim": 64,
+            "epochs": args.epochs,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "ray": {"num_workers": 0, "storage_path": str(scratch / "runs"), "name": f"{dataset_dir.name}-{model}"},
+            "output_dir": str(scratch / "out" / f"{dataset_dir.name}-{model}"),
+            "evaluate_baselines": True,
+            **extra,
+        }
+    )
+
+
+def quality(cohort: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    medrec = SHARED / "medrec"
+    start = time.perf_counter()
+    data_config = MedRecDataConfig(
+        mapping_dir=medrec,
+        ddi_pairs=medrec / "ddi_atc3_pairs.tsv",
+        unmapped_drugs="rxnorm-or-name" if cohort == "synthea" else "drop",
+    )
+    dataset = build_dataset(_patients(cohort, scratch), data_config)
+    dataset_dir = dataset.save(scratch / cohort)
+    out: dict[str, Any] = {
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "patients": len(dataset.patient_ids),
+        "visits": dataset.n_visits,
+        "vocab": {
+            "diag": len(dataset.diag_vocab) - 2,
+            "proc": len(dataset.proc_vocab) - 2,
+            "med": len(dataset.med_vocab),
+        },
+        "dataset_report": {k: v for k, v in asdict(dataset.report).items() if k != "drugs_without_smiles"},
+        "models": {},
+    }
+    for model in MODELS:
+        t0 = time.perf_counter()
+        result = train_medrec(_config(dataset_dir, model, args, scratch))
+        out["split"] = result.n_patients
+        out["models"][model] = {
+            "test": _summary(result.test),
+            "test_jaccard_mean": result.test["jaccard"].mean,
+            "best_epoch": result.best_epoch,
+            "seconds_per_epoch": round(float(np.mean(result.seconds_per_epoch)), 3),
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+        }
+        out["models"]["previous_visit_rule"] = {
+            "test": _summary(result.test_baselines["previous_visit"]),
+            "test_jaccard_mean": result.test_baselines["previous_visit"]["jaccard"].mean,
+        }
+        if model == "nlammr":
+            reps = np.load(scratch / "out" / f"{cohort}-nlammr" / "data" / "representations.npz")
+            out["drugs_without_smiles"] = int((~reps["med_has_mol"]).sum())
+        logging.info("%s %s: %s", cohort, model, out["models"][model]["test"])
+    ranked = sorted(out["models"].items(), key=lambda kv: -kv[1]["test_jaccard_mean"])
+    out["ranking_by_test_jaccard"] = [name for name, _ in ranked]
+    return out
+
+
+def synthetic_cohort(n_visits: int, seed: int = 0) -> MedRecDataset:
+    """Zipf-distributed codes with the MIMIC-III benchmark's shape: ~10 diagnoses, ~4 procedures, ~11 drugs a visit."""
+    rng = np.random.default_rng(seed)
+    atc3 = sorted(
+        {line.split("\t")[0] for line in (SHARED / "medrec" / "atc3_smiles.tsv").read_text().splitlines()[1:]}
+    )
+    n_diag, n_proc, n_med = 1958, 1430, len(atc3)
+
+    def draw(n: int, size: int) -> list[int]:
+        ids = np.minimum(rng.zipf(1.3, size=size * 2), n) - 1
+        return list(dict.fromkeys(int(i) for i in ids))[:size]
+
+    visits: list[list[tuple[list[int], list[int], list[int]]]] = []
+    total = 0
+    while total < n_visits:
+        n = min(int(rng.integers(2, 5)), n_visits - total) if n_visits - total >= 2 else 2
+        visits.append(
+            [
+                (
+                    [i + 2 for i in draw(n_diag, int(rng.integers(3, 18)))],
+                    [i + 2 for i in draw(n_proc, int(rng.integers(1, 7)))],
+                    draw(n_med, int(rng.integers(4, 19))),
+                )
+                for _ in range(n)
+            ]
+        )
+        total += n
+    diag_vocab = [PAD, OOV, *(f"ICD9CM:D{i}" for i in range(n_diag))]
+    proc_vocab = [PAD, OOV, *(f"ICD9PROC:P{i}" for i in range(n_proc))]
+    return MedRecDataset([f"synthetic-{i}" for i in range(len(visits))], visits, diag_vocab, proc_vocab, atc3)
+
+
+def throughput(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    import ray
+
+    dataset = synthetic_cohort(args.scale_visits)
+    dataset_dir = dataset.save(scratch / "synthetic")
+    out: dict[str, Any] = {"visits": dataset.n_visits, "patients": len(dataset.patient_ids), "runs": {}}
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(scratch / "ray"))
+    for model in args.scale_models.split(","):
+        for workers in (1, 2):
+            config = _config(
+                dataset_dir,
+                model,
+                args,
+                scratch,
+                epochs=2,
+                batch_size=32,
+                max_steps_per_epoch=args.scale_steps,
+                evaluate_baselines=False,
+                representations={
+                    "text_encoder": "hashed",
+                    "use_kg": False,
+                    "smiles_path": str(SHARED / "medrec" / "atc3_smiles.tsv"),
+                },
+            )
+            config.ray.num_workers = workers
+            config.ray.name = f"synthetic-{model}-{workers}"
+            result = train_medrec(config)
+            steps = min(args.scale_steps, result.n_patients["train"] // workers // config.batch_size)
+            seconds = result.seconds_per_epoch[-1]  # the second epoch: no first-step warm-up
+            rate = steps * config.batch_size * workers / seconds
+            out["runs"][f"{model}/{workers}_workers"] = {
+                "steps_per_worker": steps,
+                "measured_epoch_seconds": round(seconds, 2),
+                "patients_per_second": round(rate, 1),
+                "projected_full_epoch_seconds": round(result.n_patients["train"] / rate, 1),
+            }
+            logging.info("throughput %s %d workers: %s", model, workers, out["runs"][f"{model}/{workers}_workers"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--cohorts", default="mimic4_demo,mimic3_demo,synthea")
+    parser.add_argument("--text-encoder", choices=("default", "hashed"), default="default")
+    parser.add_argument("--scale-visits", type=int, default=50_000)
+    parser.add_argument("--scale-steps", type=int, default=60)
+    parser.add_argument("--scale-models", default="nlammr,gamenet")
+    parser.add_argument("--skip-scale", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("ray", "ehrflow", "httpx", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "protocol": "patient split 2/3 train, 1/6 val, 1/6 test (seed 0); best val Jaccard; 10 x 80% bootstrap",
+        "note": "demo cohorts are tiny (100 patients each; test sets of 3-8 patients): not a model ranking",
+        "settings": vars(args),
+        "pyhealth": "installed" if importlib.util.find_spec("pyhealth") else f"not installed: {PYHEALTH_DRY_RUN}",
+        "cohorts": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="medrec-bench-") as tmp:
+        scratch = Path(tmp)
+        for cohort in args.cohorts.split(","):
+            payload["cohorts"][cohort] = quality(cohort, args, scratch)
+        if not args.skip_scale:
+            payload["throughput"] = throughput(args, scratch)
+    payload["total_seconds"] = round(time.perf_counter() - started, 1)
+    payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    path = write_result("medrec", payload, packages=("torch", "ray", "rdkit"))
+    print(json.dumps(payload, indent=2, default=str))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
