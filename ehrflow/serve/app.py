@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from ehrflow.serve.jobs import TERMINAL, IdempotencyConflict, Job, JobStore, Que
 from ehrflow.serve.metrics import Metrics
 from ehrflow.serve.runner import JobRunner
 from ehrflow.serve.schemas import (
+    ID_PATTERN,
     ChatReply,
     ChatRequest,
     ErrorResponse,
@@ -47,6 +49,7 @@ from ehrflow.serve.settings import ServeSettings, serve_settings
 from ehrflow.serve.workflow import WorkflowBackend
 
 log = logging.getLogger(__name__)
+_PATIENT_ID = re.compile(ID_PATTERN)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429)
 }
@@ -170,15 +173,21 @@ def parse_patients(doc: Any) -> list[Patient]:
                 patients = list(FhirLoader().load(path, ErrorSink()))
             except RecordError as err:
                 raise ApiError(422, "invalid_fhir", err.message, field=err.field, location=err.location) from None
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a shape the loader did not foresee
+                raise ApiError(422, "invalid_fhir", f"malformed bundle ({type(exc).__name__})", field="entry") from None
         if not patients:
             raise ApiError(422, "invalid_fhir", "the bundle holds no Patient resource", field="entry")
-        return patients
-    try:
-        return [Patient.model_validate(doc)]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(422, "invalid_patient", first["msg"], field=field) from None
+    else:
+        try:
+            patients = [Patient.model_validate(doc)]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(422, "invalid_patient", first["msg"], field=field) from None
+    for p in patients:
+        if not _PATIENT_ID.match(p.id):
+            raise ApiError(422, "invalid_patient", f"patient ids must match {ID_PATTERN}", field="id")
+    return patients
 
 
 def build_app(

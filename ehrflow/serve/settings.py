@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ehrflow.config import Settings
+if TYPE_CHECKING:  # ehrflow.config may include ServeSettings: no import cycle at run time
+    from ehrflow.config import Settings
 
 
 class DeploymentOptions(BaseModel):
