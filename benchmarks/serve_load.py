@@ -73,10 +73,31 @@ def timed_calls(fn: Any, items: list[Any], concurrency: int, deadline: float) ->
     }
 
 
+def _check_operation(
+    operation: Any,
+    label: str,
+    base_url: str,
+    api_key: str,
+    max_examples: int,
+    cases: dict[str, int],
+    server_errors: list[str],
+) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case: Any) -> None:
+        cases[label] = cases.get(label, 0) + 1
+        response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+        if response.status_code >= 500:
+            server_errors.append(f"{label}: {response.status_code} {response.text[:200]}")
+
+    check()
+
+
 def run_schemathesis(base_url: str, api_key: str, max_examples: int, deadline: float) -> dict[str, Any]:
     """Generated requests for every operation of the served OpenAPI schema; counts 5xx answers."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
@@ -88,16 +109,8 @@ def run_schemathesis(base_url: str, api_key: str, max_examples: int, deadline: f
             break
         label = f"{operation.method.upper()} {operation.path}"
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: Any, label: str = label) -> None:
-            cases[label] = cases.get(label, 0) + 1
-            response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
-            if response.status_code >= 500:
-                server_errors.append(f"{label}: {response.status_code} {response.text[:200]}")
-
         try:
-            check()
+            _check_operation(operation, label, base_url, api_key, max_examples, cases, server_errors)
         except Unsatisfiable:
             cases.setdefault(label, 0)
     return {
