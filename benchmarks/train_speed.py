@@ -135,6 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)
     load_avg_start = os.getloadavg()
     stream = PhysioNet2012Loader().load(SET_A, ErrorSink())

@@ -598,6 +598,22 @@ def train_fusion(
     )
 
 
+def train_fusion_from_file(
+    config_path: str | Path, *, resume: bool = False, default_store_url: str | None = None
+) -> FusionResult:
+    """What ``ehrflow train fusion --config FILE [--resume]`` runs: YAML config -> ``train_fusion``.
+
+    ``default_store_url`` (the CLI passes the settings' patient store) is used when the file names
+    neither ``data.store_url`` nor ``data.inputs``.
+    """
+    config = FusionTrainConfig.from_yaml(config_path)
+    if default_store_url and not config.data.store_url and not config.data.inputs:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"store_url": default_store_url})})
+    if resume:
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"resume": True})})
+    return train_fusion(config)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -730,4 +746,5 @@ __all__ = [
     "prepare_data",
     "to_tensors",
     "train_fusion",
+    "train_fusion_from_file",
 ]

@@ -12,7 +12,13 @@ from pydantic import ValidationError
 from ehrflow.records.errors import ErrorSink
 from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
 from ehrflow.records.model import Note
-from ehrflow.training.fusion import FusionTrainConfig, ModalityError, evaluate_fusion, train_fusion
+from ehrflow.training.fusion import (
+    FusionTrainConfig,
+    ModalityError,
+    evaluate_fusion,
+    train_fusion,
+    train_fusion_from_file,
+)
 from ehrflow.training.ray_utils import checkpoint_dirs, load_state
 
 
@@ -136,3 +142,24 @@ def test_config_loads_from_yaml_and_rejects_unknown_modalities(tmp_path):
     path.write_text("modalities: [timeseries, images]\n")
     with pytest.raises(ValidationError, match="images"):
         FusionTrainConfig.from_yaml(path)
+
+
+def test_train_from_yaml_reads_the_patient_store_then_resumes(physionet_subset, store, tmp_path):
+    """The CLI path: a YAML file without a data section trains on the settings' patient store."""
+    store.ingest(physionet_subset[:60])
+    path = tmp_path / "fusion.yaml"
+    path.write_text(
+        "split: {fractions: [0.6, 0.2, 0.2], seed: 5}\n"
+        "model: {hidden: 8, heads: 2}\n"
+        "train: {epochs: 1, batch_size: 32, max_steps_per_epoch: 1}\n"
+        f"ray: {{num_workers: 0, storage_path: {tmp_path / 'runs'}, name: cli}}\n"
+        "n_bootstrap: 0\n"
+    )
+    result = train_fusion_from_file(path, default_store_url=str(store.url))
+    assert result.model_card.is_file() and result.epochs_run == 1
+    assert sum(result.feature_report.labels_known.values()) > 0
+    with pytest.raises(FileExistsError):
+        train_fusion_from_file(path, default_store_url=str(store.url))
+    path.write_text(path.read_text().replace("epochs: 1,", "epochs: 2,"))
+    resumed = train_fusion_from_file(path, resume=True, default_store_url=str(store.url))
+    assert resumed.checkpoint.name == "checkpoint_epoch_0001"
