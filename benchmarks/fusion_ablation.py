@@ -93,6 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         home=work,
         grounding={"mode": "lexical"},
