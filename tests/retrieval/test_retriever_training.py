@@ -60,18 +60,18 @@ def test_in_batch_loss_masks_items_sharing_the_chunk():
 
 def test_train_retriever_few_steps_through_ray_then_search(ray_session, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
-    patients = mtsamples_patients(shared_data, 12)
+    patients = mtsamples_patients(shared_data, 6)
     config = RetrieverTrainConfig(
         output_dir=tmp_path / "dr-ehr-mini",
-        data=RetrieverDataConfig(max_chunks=40),
+        data=RetrieverDataConfig(max_chunks=24),
         pairs=PairOptions(llm_max_chunks=2),
-        train=RetrieverOptim(batch_size=8, max_steps=3, lr=5e-5, max_seq_length=64),
+        train=RetrieverOptim(batch_size=4, max_steps=2, lr=5e-5, max_seq_length=64),
         ray=RayTrainConfig(name="retriever-test", storage_path=tmp_path / "runs", num_workers=1),
     )
     llm = FakeLLM(['{"entities": ["hypertension", "not a real disease"]}', '{"entities": []}'])
     result = train_retriever(config, patients, llm=llm)
 
-    assert result.steps == 3 and len(result.train_loss) == 1 and np.isfinite(result.train_loss[0])
+    assert result.steps == 2 and len(result.train_loss) == 1 and np.isfinite(result.train_loss[0])
     assert result.pair_report.llm_chunks == 2 and result.pair_report.llm_dropped >= 1
     assert result.pair_report.pairs_by_source.get("name", 0) > 0
     saved = json.loads((result.model_dir / "ehrflow_retriever.json").read_text())
