@@ -3,15 +3,17 @@ schemathesis run of the OpenAPI schema (no 5xx). Bounded in count and time; it s
 
     .venv/bin/python benchmarks/serve_load.py --jobs 200 --chats 500 --concurrency 20 --budget-s 600
 
-Chats and jobs go to the demo FHIR patients posted over HTTP. Chats run first, on an idle
-workflow; each is its own conversation, so a repeated (patient, question) pair hits the LLM cache
-and the steady state measures serving and retrieval. Jobs are then submitted at once and run in
+Chats and jobs go to the smallest demo FHIR patients, posted over HTTP. Chats run first, on an
+idle workflow: each distinct (patient, question) once ("cold": the LLM answers), then many
+requests, each its own conversation, so the LLM prompt repeats and hits the LLM cache ("warm":
+serving, retrieval and the cached LLM path). Jobs are then submitted at once and run in
 the background; the job-completion numbers say how many finished within the time budget. Results: ``benchmarks/results/serve_load.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import tempfile
@@ -31,6 +33,25 @@ QUESTIONS = (
     "Is there any mention of chest pain?",
     "Any allergies documented?",
 )
+
+
+def serve_rss_mib() -> dict[str, float]:
+    """RSS of the Serve processes (controller, proxy, replicas) by name, from /proc."""
+    found: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            if not name.startswith(("ray::Serve", "ray::ProxyActor")):
+                continue
+            rss_kib = next(
+                int(ln.split()[1]) for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS")
+            )
+        except (OSError, StopIteration, ValueError):
+            continue
+        found[name] = round(found.get(name, 0.0) + rss_kib / 1024, 1)
+    return found
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -128,6 +149,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=600.0, help="stop issuing requests after this long")
     parser.add_argument("--port", type=int, default=8012)
+    parser.add_argument("--patients", type=int, default=2, help="the N smallest demo FHIR bundles")
+    parser.add_argument("--questions", type=int, default=1, help=f"distinct chat questions (at most {len(QUESTIONS)})")
+    parser.add_argument("--request-timeout-s", type=float, default=180.0)
     parser.add_argument("--schemathesis-examples", type=int, default=20, help="per operation; 0 skips it")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -150,26 +174,32 @@ def main() -> None:
     t0 = time.perf_counter()
     base_url, api_key, stop = start_local(settings)
     startup_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"config": vars(args), "startup_s": round(startup_s, 1)}
+    out: dict[str, Any] = {"config": vars(args), "startup_s": round(startup_s, 1), "rss_mib_at_start": serve_rss_mib()}
     try:
         client = EhrflowClient(base_url, api_key)
         headers = {"Authorization": f"Bearer {api_key}"}
         patients: list[str] = []
-        for bundle in sorted((demo_data_dir() / "fhir").glob("*.json"), key=lambda p: p.stat().st_size):
+        bundles = sorted((demo_data_dir() / "fhir").glob("*.json"), key=lambda p: p.stat().st_size)
+        for bundle in bundles[: args.patients]:
             patients += client.post_patient(json.loads(bundle.read_text()))["patient_ids"]
-        http = httpx.Client(base_url=base_url, headers=headers, timeout=600)
+        http = httpx.Client(base_url=base_url, headers=headers, timeout=args.request_timeout_s)
+        questions = QUESTIONS[: args.questions]
 
-        # chats first, on an idle workflow; one conversation per request, so repeated questions hit the LLM cache
         def chat(i: int) -> int:
             body = {
                 "patient_id": patients[i % len(patients)],
                 "conversation_id": f"load-{i}",
-                "message": QUESTIONS[i % len(QUESTIONS)],
+                "message": questions[(i // len(patients)) % len(questions)],
             }
             return http.post("/v1/chat", json=body).status_code
 
+        # cold: each distinct (patient, question) once, one at a time (the LLM answers; later ones hit its cache)
+        distinct = len(patients) * len(questions)
+        out["chats_cold"] = timed_calls(chat, list(range(distinct)), 1, deadline)
+        # warm: one conversation per request, so the LLM prompt repeats and the steady state measures
+        # serving, retrieval and the cached LLM path
         chat_deadline = min(deadline, time.monotonic() + 0.4 * args.budget_s)  # leave time for the jobs
-        out["chats"] = timed_calls(chat, list(range(args.chats)), args.concurrency, chat_deadline)
+        out["chats_warm"] = timed_calls(chat, list(range(args.chats)), args.concurrency, chat_deadline)
 
         submitted: list[str] = []
 
@@ -194,9 +224,8 @@ def main() -> None:
                 if job["status"] in ("succeeded", "failed"):
                     pending.discard(job_id)
                     done[job["status"]] = done.get(job["status"], 0) + 1
-                    created = time.mktime(time.strptime(job["created_at"][:19], "%Y-%m-%dT%H:%M:%S"))
-                    finished = time.mktime(time.strptime(job["finished_at"][:19], "%Y-%m-%dT%H:%M:%S"))
-                    latencies.append(finished - created)
+                    created = dt.datetime.fromisoformat(job["created_at"])
+                    latencies.append((dt.datetime.fromisoformat(job["finished_at"]) - created).total_seconds())
             time.sleep(1)
         out["job_completion"] = {
             "submitted": len(submitted),
@@ -205,6 +234,7 @@ def main() -> None:
             "queue_to_done_p50_s": pct(latencies, 0.5),
             "queue_to_done_p95_s": pct(latencies, 0.95),
         }
+        out["rss_mib_after_jobs"] = serve_rss_mib()
         if args.schemathesis_examples > 0:
             out["schemathesis"] = run_schemathesis(base_url, api_key, args.schemathesis_examples, deadline + 300)
         out["metrics_excerpt"] = [
