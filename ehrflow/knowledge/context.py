@@ -26,6 +26,16 @@ RELATION_PRIORITY: tuple[str, ...] = (
 )
 """Relations worth a sentence in a summary, best first. Protein edges and code crosswalks are left out."""
 
+_SUBJECT_TYPE: dict[str, str] = {
+    "indication": "drug",
+    "contraindication": "drug",
+    "drug_class": "drug",
+    "disease_phenotype_positive": "disease",
+    "disease_phenotype_negative": "disease",
+}
+"""The node type a triple reads from. PrimeKG stores these edges in both directions, and the copy found first
+may be the reverse one ("type 2 diabetes mellitus indication Metformin")."""
+
 
 class Relation(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -65,7 +75,10 @@ def node_context(kg: KnowledgeGraph, node_ids: Iterable[str], max_relations: int
             except NodeNotFound:  # pragma: no cover - the node was found above
                 break
             for edge, other in pairs:
-                x_name, y_name = (node.name, other.name) if edge.x_id == node_id else (other.name, node.name)
+                node_first = edge.x_id == node_id
+                if _SUBJECT_TYPE.get(relation) in (node.type, other.type) and node.type != other.type:
+                    node_first = node.type == _SUBJECT_TYPE[relation]
+                x_name, y_name = (node.name, other.name) if node_first else (other.name, node.name)
                 relations.append(
                     Relation(relation=relation, other_id=other.id, text=f"{x_name} {edge.display_relation} {y_name}")
                 )
