@@ -25,6 +25,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,10 @@ def _config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Pa
     )
 
 
-def quality(cohort: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def quality(
+    cohort: str, args: argparse.Namespace, scratch: Path, out: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """Fill ``out`` model by model, saving after each, so a run cut short still leaves its numbers."""
     medrec = SHARED / "medrec"
     start = time.perf_counter()
     data_config = MedRecDataConfig(
@@ -104,18 +108,20 @@ def quality(cohort: str, args: argparse.Namespace, scratch: Path) -> dict[str, A
     )
     dataset = build_dataset(_patients(cohort, scratch), data_config)
     dataset_dir = dataset.save(scratch / cohort)
-    out: dict[str, Any] = {
-        "build_seconds": round(time.perf_counter() - start, 1),
-        "patients": len(dataset.patient_ids),
-        "visits": dataset.n_visits,
-        "vocab": {
-            "diag": len(dataset.diag_vocab) - 2,
-            "proc": len(dataset.proc_vocab) - 2,
-            "med": len(dataset.med_vocab),
-        },
-        "dataset_report": {k: v for k, v in asdict(dataset.report).items() if k != "drugs_without_smiles"},
-        "models": {},
-    }
+    out.update(
+        {
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "patients": len(dataset.patient_ids),
+            "visits": dataset.n_visits,
+            "vocab": {
+                "diag": len(dataset.diag_vocab) - 2,
+                "proc": len(dataset.proc_vocab) - 2,
+                "med": len(dataset.med_vocab),
+            },
+            "dataset_report": {k: v for k, v in asdict(dataset.report).items() if k != "drugs_without_smiles"},
+            "models": {},
+        }
+    )
     for model in MODELS:
         t0 = time.perf_counter()
         result = train_medrec(_config(dataset_dir, model, args, scratch))
@@ -135,9 +141,9 @@ def quality(cohort: str, args: argparse.Namespace, scratch: Path) -> dict[str, A
             reps = np.load(scratch / "out" / f"{cohort}-nlammr" / "data" / "representations.npz")
             out["drugs_without_smiles"] = int((~reps["med_has_mol"]).sum())
         logging.info("%s %s: %s", cohort, model, out["models"][model]["test"])
-    ranked = sorted(out["models"].items(), key=lambda kv: -kv[1]["test_jaccard_mean"])
-    out["ranking_by_test_jaccard"] = [name for name, _ in ranked]
-    return out
+        ranked = sorted(out["models"].items(), key=lambda kv: -kv[1]["test_jaccard_mean"])
+        out["ranking_by_test_jaccard"] = [name for name, _ in ranked]
+        save()
 
 
 def synthetic_cohort(n_visits: int, seed: int = 0) -> MedRecDataset:
@@ -172,12 +178,12 @@ def synthetic_cohort(n_visits: int, seed: int = 0) -> MedRecDataset:
     return MedRecDataset([f"synthetic-{i}" for i in range(len(visits))], visits, diag_vocab, proc_vocab, atc3)
 
 
-def throughput(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def throughput(args: argparse.Namespace, scratch: Path, out: dict[str, Any], save: Callable[[], None]) -> None:
     import ray
 
     dataset = synthetic_cohort(args.scale_visits)
     dataset_dir = dataset.save(scratch / "synthetic")
-    out: dict[str, Any] = {"visits": dataset.n_visits, "patients": len(dataset.patient_ids), "runs": {}}
+    out.update({"visits": dataset.n_visits, "patients": len(dataset.patient_ids), "runs": {}})
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(scratch / "ray"))
     for model in args.scale_models.split(","):
@@ -210,7 +216,7 @@ def throughput(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 "projected_full_epoch_seconds": round(result.n_patients["train"] / rate, 1),
             }
             logging.info("throughput %s %d workers: %s", model, workers, out["runs"][f"{model}/{workers}_workers"])
-    return out
+            save()
 
 
 def main() -> None:
@@ -222,6 +228,7 @@ def main() -> None:
     parser.add_argument("--scale-steps", type=int, default=60)
     parser.add_argument("--scale-models", default="nlammr,gamenet")
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--scale-after", type=int, default=2, help="run the throughput part after this many cohorts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("ray", "ehrflow", "httpx", "sentence_transformers"):
@@ -233,16 +240,25 @@ def main() -> None:
         "settings": vars(args),
         "pyhealth": "installed" if importlib.util.find_spec("pyhealth") else f"not installed: {PYHEALTH_DRY_RUN}",
         "cohorts": {},
+        "complete": False,
     }
+
+    def save() -> Path:
+        payload["total_seconds"] = round(time.perf_counter() - started, 1)
+        payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        return write_result("medrec", payload, packages=("torch", "ray", "rdkit"))
+
+    cohorts = args.cohorts.split(",")
     with tempfile.TemporaryDirectory(prefix="medrec-bench-") as tmp:
         scratch = Path(tmp)
-        for cohort in args.cohorts.split(","):
-            payload["cohorts"][cohort] = quality(cohort, args, scratch)
-        if not args.skip_scale:
-            payload["throughput"] = throughput(args, scratch)
-    payload["total_seconds"] = round(time.perf_counter() - started, 1)
-    payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    path = write_result("medrec", payload, packages=("torch", "ray", "rdkit"))
+        for i, cohort in enumerate(cohorts):
+            if i == args.scale_after and not args.skip_scale:
+                throughput(args, scratch, payload.setdefault("throughput", {}), save)
+            quality(cohort, args, scratch, payload["cohorts"].setdefault(cohort, {}), save)
+        if args.scale_after >= len(cohorts) and not args.skip_scale:
+            throughput(args, scratch, payload.setdefault("throughput", {}), save)
+    payload["complete"] = True
+    path = save()
     print(json.dumps(payload, indent=2, default=str))
     print(f"written to {path}")
 

@@ -417,7 +417,9 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def train_medrec(config: MedRecConfig) -> MedRecResult:
     """Prepare data, train through Ray Train, keep the best-validation-Jaccard checkpoint, bootstrap the test set."""
-    if config.ray.run_dir.exists() and not config.ray.resume:
+    if config.ray.resume:
+        raise ValueError("medrec training does not resume (no optimizer state is checkpointed): set ray.resume=false")
+    if config.ray.run_dir.exists():
         shutil.rmtree(config.ray.run_dir)  # a fresh run: old checkpoints must not compete for "best"
     dataset, _, data_dir = prepare_data(config)
     _fit(config, data_dir)

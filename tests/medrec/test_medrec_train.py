@@ -87,3 +87,6 @@ def test_config_needs_exactly_one_source(tmp_path):
         MedRecConfig()
     with pytest.raises(ValidationError, match="exactly one"):
         MedRecConfig(store_url="x.db", dataset_dir=tmp_path)
+    resume = MedRecConfig(dataset_dir=tmp_path, ray={"resume": True, "storage_path": str(tmp_path)})
+    with pytest.raises(ValueError, match="does not resume"):
+        train_medrec(resume)
