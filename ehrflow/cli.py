@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -15,6 +16,8 @@ from ehrflow.config import Settings, get_settings
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)  # some libraries (bm25s) set DEBUG on their own loggers
 
 
 @click.group()
@@ -117,6 +120,149 @@ def patients_show(settings: Settings, patient_id: str, as_json: bool) -> None:
         )
     if patient.notes:
         click.echo(f"  patient-level notes: {len(patient.notes)}")
+
+
+@main.group()
+def kg() -> None:
+    """Build, import and inspect knowledge graphs."""
+
+
+@kg.command("build")
+@click.option("--openkg", "openkg_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--drugcentral", "drugcentral_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def kg_build(openkg_dir: Path, drugcentral_dir: Path | None, out_dir: Path) -> None:
+    """Build the compact default KG (the one shipped in the package) from the open sources."""
+    from ehrflow.knowledge.build import build_default_kg
+    from ehrflow.knowledge.readers import KGFormatError
+
+    try:
+        rep = build_default_kg(openkg_dir, out_dir, drugcentral_dir=drugcentral_dir)
+    except (KGFormatError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"{rep.nodes} nodes, {rep.edges} edges, {rep.smiles} SMILES, {rep.bytes_on_disk / 1e6:.1f} MB in {out_dir}"
+    )
+    click.echo(f"use it with EHRFLOW_KNOWLEDGE__PATH={out_dir}")
+
+
+@kg.command("import-primekg")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="SQLite file to write.")
+@click.pass_obj
+def kg_import_primekg(settings: Settings, directory: Path, out: Path | None) -> None:
+    """Convert a PrimeKG download (kg.csv plus disease/drug features) into ehrflow's indexed form."""
+    from ehrflow.knowledge.build import import_primekg
+    from ehrflow.knowledge.readers import KGFormatError
+
+    out = out or settings.home / "primekg.sqlite"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import_primekg(directory, out)
+    except KGFormatError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"PrimeKG imported into {out}; use it with EHRFLOW_KNOWLEDGE__PATH={out}")
+
+
+@kg.command("info")
+@click.pass_obj
+def kg_info(settings: Settings) -> None:
+    """Node and edge counts of the configured KG."""
+    from ehrflow.knowledge import KnowledgeGraph
+
+    graph = KnowledgeGraph.open(settings.knowledge.path) if settings.knowledge.path else KnowledgeGraph.default()
+    click.echo(json.dumps(graph.stats(), indent=2, default=str))
+
+
+def _patient_job(settings: Settings):
+    from ehrflow.graph.checkpoint import sqlite_checkpointer
+    from ehrflow.graph.deps import WorkflowDeps
+    from ehrflow.graph.patient_job import build_patient_job
+
+    deps = WorkflowDeps.from_settings(settings, progress=True)
+    return deps, build_patient_job(deps, sqlite_checkpointer(settings.checkpoint_path))
+
+
+@main.command()
+@click.option("--patient", "patient_id", help="One patient: print its report and write JSON.")
+@click.option("--cohort", help='Many patients on Ray, e.g. "source=physionet2012,limit=50" ("" = everyone).')
+@click.option(
+    "--task", type=click.Choice(["general", "mortality", "readmission"]), default="general", show_default=True
+)
+@click.option("--workers", type=int, default=2, show_default=True, help="Ray actors for --cohort.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON output (--patient).")
+@click.pass_obj
+def run(
+    settings: Settings, patient_id: str | None, cohort: str | None, task: str, workers: int, out: Path | None
+) -> None:
+    """Run the agent workflow (extract, ground, retrieve, summarise, predict) for a patient or a cohort.
+
+    Results also go to the workflow-results table the trainers read; finished cohort patients are skipped.
+    """
+    from ehrflow.graph.cohort import WorkflowResultStore, run_cohort
+    from ehrflow.graph.deps import PatientNotFound
+    from ehrflow.graph.patient_job import run_patient_job
+    from ehrflow.llm import LLMError
+    from ehrflow.records import CohortFilter
+
+    if (patient_id is None) == (cohort is None):
+        raise click.UsageError("give exactly one of --patient or --cohort")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if patient_id is not None:
+        deps, graph = _patient_job(settings)
+        try:
+            state = run_patient_job(graph, patient_id, task)
+        except PatientNotFound as err:
+            raise click.ClickException(str(err)) from err
+        except LLMError as err:
+            raise click.ClickException(f"the LLM failed; the job can be resumed by running this again: {err}") from err
+        WorkflowResultStore(settings.patient_store_url).put(state)
+        digest = hashlib.sha256(patient_id.encode()).hexdigest()[:12]  # no identifier in file names
+        out = out or settings.home / "results" / f"{task}-{digest}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(state.model_dump_json(indent=2))
+        click.echo(state.report)
+        click.echo(f"\nJSON written to {out}")
+        return
+    try:
+        flt = CohortFilter.parse(cohort)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--cohort") from err
+    ids = _store(settings).ids(flt)
+    rep = run_cohort(settings, ids, task=task, num_workers=workers)
+    click.echo(f"{len(ids)} patients: {rep.done} done, {rep.skipped} already done, {rep.failed} failed")
+    for error in (rep.errors or {}).values():
+        click.echo(f"  failed: {error}", err=True)
+    if rep.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--patient", "patient_id", required=True)
+@click.option(
+    "--conversation", default="cli", show_default=True, help="Conversation id: turns under it are remembered."
+)
+@click.option("--message", "-m", default=None, help="Ask one question and exit (otherwise an interactive session).")
+@click.pass_obj
+def chat(settings: Settings, patient_id: str, conversation: str, message: str | None) -> None:
+    """Ask questions about one patient; answers cite the note chunks they rest on."""
+    from ehrflow.graph.chat import ask, build_chat
+    from ehrflow.graph.checkpoint import sqlite_checkpointer
+    from ehrflow.graph.deps import PatientNotFound, WorkflowDeps
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    deps = WorkflowDeps.from_settings(settings, progress=True)
+    graph = build_chat(deps, sqlite_checkpointer(settings.checkpoint_path))
+    questions = [message] if message else iter(lambda: click.prompt("question (empty to quit)", default=""), "")
+    for question in questions:
+        try:
+            answer = ask(graph, patient_id, conversation, question)
+        except (ValueError, PatientNotFound) as err:
+            raise click.ClickException(str(err)) from err
+        click.echo(answer.answer)
+        for chunk in answer.evidence:
+            mark = "*" if chunk.chunk_id in answer.citations else " "
+            click.echo(f" {mark}[{chunk.chunk_id}] {' '.join(chunk.text.split())[:160]}")
 
 
 @main.command()

@@ -111,6 +111,9 @@ class ExtractionConfig(BaseModel):
     """How much of each note the LLM sees per call (the local model has a 2k-token context)."""
     max_llm_entities: int = Field(8, gt=0, le=32)
     llm_max_tokens: int = Field(256, gt=0)
+    max_llm_notes: int | None = Field(4, gt=0)
+    """The LLM reads only the patient's most recent notes (``None``: all); lexical extraction reads every note.
+    Bounds a job's cost on a laptop: a long stay has dozens of notes and the local model takes seconds per note."""
 
 
 class _LLMEntity(BaseModel):
@@ -125,17 +128,43 @@ class LLMExtraction(BaseModel):
     not_about_patient: list[Annotated[str, Field(max_length=60)]] = Field(default_factory=list, max_length=8)
 
 
+HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"
+"""HPO's other top branches (clinical modifiers such as "Acute", modes of inheritance, frequencies)
+name no condition, so a match under them is not an entity."""
+
+
 class ExtractionAgent:
     def __init__(self, kg, llm=None, config: ExtractionConfig | None = None):  # noqa: ANN001
         self.kg = kg
         self.llm = llm
         self.config = config or ExtractionConfig()
+        self._is_condition: dict[str, bool] = {}
+
+    def _names_a_condition(self, node_id: str) -> bool:
+        """False for HPO terms outside "Phenotypic abnormality"; other vocabularies are kept."""
+        if not node_id.startswith("HP:"):
+            return True
+        if node_id not in self._is_condition:
+            seen, frontier = {node_id}, [node_id]
+            while frontier and HPO_PHENOTYPIC_ABNORMALITY not in seen:
+                parents = [
+                    e.y_id
+                    for nid in frontier
+                    for e in self.kg.edges(nid, relations=["phenotype_phenotype"], direction="out")
+                ]
+                frontier = [p for p in parents if p not in seen]
+                seen.update(frontier)
+            self._is_condition[node_id] = HPO_PHENOTYPIC_ABNORMALITY in seen
+        return self._is_condition[node_id]
 
     def __call__(self, notes: Iterable[Note]) -> list[Entity]:
+        notes = list(notes)
+        by_recency = sorted(range(len(notes)), key=lambda i: (notes[i].time is not None, notes[i].time), reverse=True)
+        for_llm = set(by_recency[: self.config.max_llm_notes] if self.config.max_llm_notes else by_recency)
         out: list[Entity] = []
-        for note in notes:
+        for i, note in enumerate(notes):
             proposed = self.lexical(note) if self.config.mode in ("lexical", "hybrid") else []
-            if self.config.mode in ("llm", "hybrid") and self.llm is not None:
+            if self.config.mode in ("llm", "hybrid") and self.llm is not None and i in for_llm:
                 proposed = self._with_llm(note, proposed)
             out.extend(proposed)
         return _dedupe(out)
@@ -154,7 +183,11 @@ class ExtractionAgent:
                     span = sent.text[toks[i].start() : toks[i + n - 1].end()]
                     if not self._worth_looking_up(span, n):
                         continue
-                    matches = self.kg.lexical_lookup(_SEMANTIC_TAG.sub("", span), types=self.config.node_types)
+                    matches = [
+                        m
+                        for m in self.kg.lexical_lookup(_SEMANTIC_TAG.sub("", span), types=self.config.node_types)
+                        if self._names_a_condition(m.node.id)
+                    ]
                     if not matches:
                         continue
                     best = matches[0]

@@ -3,7 +3,9 @@
     START ─ retrieve ─ knowledge ─ answer ─ END
 
 ``retrieve`` searches the patient's note chunks (hybrid dense + BM25 with KG query expansion) and
-keeps only chunks with real support: a BM25 match or a dense similarity above ``min_dense_score``.
+keeps only chunks with real support: when the question names KG concepts, chunks that name one of
+them (directly, or by synonym, abbreviation or child concept); otherwise chunks whose dense
+similarity reaches ``min_dense_score``.
 With no support the answer says no evidence was found, without asking the LLM to guess.
 ``answer`` asks the LLM with the evidence ids in the prompt; its citations are the ids it wrote
 that exist in the evidence. When a small model cites nothing valid, the answer still lists the
@@ -30,7 +32,7 @@ _CITATION = re.compile(r"\[([^\[\]]{3,200})\]")
 
 class ChatConfig(BaseModel):
     max_chunks: int = Field(4, gt=0)
-    min_dense_score: float = 0.35
+    min_dense_score: float = 0.45
     history_turns: int = Field(4, ge=0)
     max_tokens: int = Field(200, gt=0)
     expand: bool = True
@@ -70,21 +72,26 @@ def build_chat(deps: WorkflowDeps, checkpointer=None, config: ChatConfig | None 
             return {"evidence": []}
         index = deps.note_index
         q, pid = state.question, state.patient_id
-        hybrid = index.search(q, patient_id=pid, k=cfg.max_chunks, mode="hybrid", expand=cfg.expand)
-        lexical = {
-            h.chunk_id
-            for h in index.search(q, patient_id=pid, k=cfg.max_chunks * 2, mode="bm25", expand=cfg.expand)
-            if h.score > 0
-        }
-        dense = {
-            h.chunk_id
-            for h in index.search(q, patient_id=pid, k=cfg.max_chunks * 2, mode="dense")
-            if h.score >= cfg.min_dense_score
-        }
-        supported = [h for h in hybrid if h.chunk_id in lexical or h.chunk_id in dense]
+        index.index_patient(deps.patient(pid))  # incremental: a no-op when the notes are already indexed
+        hits = index.search(q, patient_id=pid, k=cfg.max_chunks * 2, mode="hybrid", expand=cfg.expand)
+        expansion = index.expander().expand(q)
+        if expansion.mentions:
+            # The question names KG concepts: a chunk supports an answer only if it names one of them
+            # (as asked, or by a synonym, abbreviation or child concept). Similarity alone is not evidence.
+            forms = [*expansion.mentions, *expansion.texts]
+            pattern = re.compile("|".join(rf"\b{re.escape(f)}\b" for f in forms), re.IGNORECASE)
+            supported = [h for h in hits if pattern.search(h.text)]
+        else:
+            dense = {
+                h.chunk_id
+                for h in index.search(q, patient_id=pid, k=cfg.max_chunks * 2, mode="dense")
+                if h.score >= cfg.min_dense_score
+            }
+            supported = [h for h in hits if h.chunk_id in dense]
         return {
             "evidence": [
-                EvidenceChunk(chunk_id=h.chunk_id, note_id=h.note_id, text=h.text, score=h.score) for h in supported
+                EvidenceChunk(chunk_id=h.chunk_id, note_id=h.note_id, text=h.text, score=h.score)
+                for h in supported[: cfg.max_chunks]
             ]
         }
 

@@ -91,6 +91,8 @@ def build_patient_job(deps: WorkflowDeps, checkpointer: SqliteSaver | None = Non
         return {"grounded": grounded, "_message": f"{len(grounded)} KG nodes"}
 
     def retrieve(state: PatientJobState) -> dict[str, Any]:
+        if deps.note_index is not None:
+            deps.note_index.index_patient(deps.patient(state.patient_id))  # incremental: unchanged notes are skipped
         facts = deps.retrieval.facts(state.grounded)
         evidence = deps.retrieval.evidence(state.patient_id, state.grounded, state.task)
         return {"facts": facts, "evidence": evidence, "_message": f"{len(facts)} node contexts, {len(evidence)} chunks"}
