@@ -126,6 +126,13 @@ def run_cohort(
     report = CohortRunReport(skipped=len(ids) - len(pending), errors={})
     if not pending:
         return report
+    # Index the pending patients' notes here, batched, before the actors start: their own index step
+    # then finds nothing to write, so an embedded (single-process) Chroma sees one writer at a time.
+    from ehrflow.graph.deps import open_note_index
+    from ehrflow.records.store import PatientStore
+
+    store = PatientStore(settings.patient_store_url)
+    open_note_index(settings).index_patients((store.get(pid) for pid in pending if pid in store), progress=progress)
     if not ray.is_initialized():
         ray.init(
             address=settings.ray.address,

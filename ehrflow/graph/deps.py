@@ -55,17 +55,14 @@ class WorkflowDeps:
         """Open the stores, the KG and its entity index (built on first use), the note index, and the LLM."""
         from ehrflow.knowledge import KnowledgeGraph
         from ehrflow.llm import build_llm
-        from ehrflow.retrieval import EntityIndex, NoteIndex, SentenceTransformerEmbedder, chroma_client
+        from ehrflow.retrieval import EntityIndex, chroma_client
 
         kg = KnowledgeGraph.open(settings.knowledge.path) if settings.knowledge.path else KnowledgeGraph.default()
         client = chroma_client(path=settings.chroma_path, host=settings.chroma.host, port=settings.chroma.port)
         entity_index = EntityIndex.from_config(kg, settings.grounding, client)
         if settings.grounding.mode != "lexical":
             entity_index.build(progress=progress)
-        embedder = SentenceTransformerEmbedder(
-            settings.embedder.model, backend=settings.embedder.backend, device=settings.embedder.device
-        )
-        note_index = NoteIndex(embedder, client, kg=kg)
+        note_index = open_note_index(settings, client, kg)
         llm = llm if llm is not None else build_llm(settings.llm)
         return cls(
             store=PatientStore(settings.patient_store_url),
@@ -78,3 +75,15 @@ class WorkflowDeps:
             llm=llm,
             note_index=note_index,
         )
+
+
+def open_note_index(settings: Settings, client: Any = None, kg: Any = None) -> Any:
+    """The patients' note index in the configured Chroma, embedded with the configured embedder."""
+    from ehrflow.retrieval import NoteIndex, SentenceTransformerEmbedder, chroma_client
+
+    if client is None:
+        client = chroma_client(path=settings.chroma_path, host=settings.chroma.host, port=settings.chroma.port)
+    embedder = SentenceTransformerEmbedder(
+        settings.embedder.model, backend=settings.embedder.backend, device=settings.embedder.device
+    )
+    return NoteIndex(embedder, client, kg=kg)
