@@ -249,7 +249,11 @@ class PairMiner:
         return self._is_condition[node_id]
 
     def llm_nodes(self, text: str, report: PairReport) -> list[Node]:
-        """KG nodes for the entities the LLM lists for ``text``; ungrounded ones are counted and dropped."""
+        """KG nodes for the entities the LLM lists for ``text``; ungrounded ones are counted and dropped.
+
+        The prompt deliberately holds no example answer: SmolLM2-135M copies it verbatim, and copied entities
+        ground to the KG, so they would pass validation as false pairs.
+        """
         assert self.llm is not None
         messages = [
             {"role": "system", "content": "You list clinical entities. Answer with JSON only."},
