@@ -269,8 +269,10 @@ def assign_splits(records: list[StayRecord], split: SplitConfig) -> dict[str, li
 
 
 def _check_modalities(config: FusionTrainConfig, train: list[StayRecord]) -> None:
+    if config.features.drop_empty_stays:  # judge the stays that will be featurised, not those dropped later
+        train = [r for r in train if r.values.size]
     if not train:
-        raise ModalityError("the training split is empty")
+        raise ModalityError("the training split is empty (or has no stay with a measurement in the window)")
     if "notes" in config.modalities and not any(r.note_texts for r in train):
         raise ModalityError("modality 'notes' requested, but no training stay has a note inside the window")
     if "summary" in config.modalities and not any(r.summary_text for r in train):

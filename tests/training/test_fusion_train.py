@@ -125,6 +125,16 @@ def test_missing_modality_fails_before_training(physionet_subset, tmp_path):
     config = _config(tmp_path, "readm", tasks=["readmission"])
     with pytest.raises(ModalityError, match="readmission"):
         train_fusion(config, physionet_subset[:40])
+    # notes only on stays without measurements (dropped at featurisation) do not make a notes modality
+    patients = [p.model_copy(deep=True) for p in physionet_subset[:40]]
+    for i, patient in enumerate(patients):
+        adm = patient.admissions[0]
+        adm.notes.append(Note(id=f"n{i}", time=adm.admit_time, text="note on an empty stay"))
+        adm.measurements.clear()
+        if i == 30:
+            break
+    with pytest.raises(ModalityError, match="notes"):
+        train_fusion(_config(tmp_path, "empty-notes", modalities=["timeseries", "notes"]), patients)
 
 
 def test_config_loads_from_yaml_and_rejects_unknown_modalities(tmp_path):
