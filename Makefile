@@ -35,6 +35,7 @@ test: install lint
 	$(BIN)/python -m pytest -q
 
 bench: install
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,bench,local-llm]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

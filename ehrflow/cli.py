@@ -265,6 +265,29 @@ def chat(settings: Settings, patient_id: str, conversation: str, message: str | 
             click.echo(f" {mark}[{chunk.chunk_id}] {' '.join(chunk.text.split())[:160]}")
 
 
+@main.group(invoke_without_command=True)
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Serve the API with Ray Serve (jobs, chat, OpenAI-shape chat completions); see docs/serving.md."""
+    if ctx.invoked_subcommand is None:
+        from ehrflow.serve.deployments import serve_app
+
+        settings: Settings = ctx.obj
+        click.echo(f"serving on http://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops)")
+        serve_app(settings)
+
+
+@serve.command("create-key")
+@click.argument("tenant")
+@click.pass_obj
+def serve_create_key(settings: Settings, tenant: str) -> None:
+    """Create an API key for TENANT; it is shown once and stored only as a salted hash."""
+    from ehrflow.serve.auth import create_api_key
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    click.echo(create_api_key(settings, tenant))
+
+
 @main.command()
 @click.pass_obj
 def demo(settings: Settings) -> None:

@@ -21,6 +21,7 @@ from ehrflow.agents.retrieval import RetrievalConfig
 from ehrflow.agents.summary import SummaryConfig
 from ehrflow.llm.base import LLMConfig
 from ehrflow.retrieval.entity_index import GroundingConfig
+from ehrflow.serve.settings import ServeSettings
 
 
 class RaySettings(BaseModel):
@@ -67,6 +68,7 @@ class Settings(BaseSettings):
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @model_validator(mode="after")
     def _caches_under_home(self) -> Settings:

@@ -1,19 +1,15 @@
 """Serving configuration: ports, limits, the job store URL, and Ray Serve deployment options.
 
-``Settings`` can include this as its ``serve`` section; until it does, :func:`serve_settings`
-reads the ``serve:`` mapping of the YAML named by ``EHRFLOW_CONFIG`` and ``EHRFLOW_SERVE__*``
-environment variables.
+``Settings.serve`` holds it, so it comes from the ``serve:`` mapping of the YAML named by
+``EHRFLOW_CONFIG`` or from ``EHRFLOW_SERVE__*`` environment variables like every other section.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # ehrflow.config may include ServeSettings: no import cycle at run time
     from ehrflow.config import Settings
@@ -40,8 +36,8 @@ class DeploymentOptions(BaseModel):
         return options
 
 
-class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EHRFLOW_SERVE__", env_nested_delimiter="__", extra="ignore")
+class ServeSettings(BaseModel):
+    """The ``serve`` section of ``Settings``."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,17 +67,5 @@ class ServeSettings(BaseSettings):
 
 
 def serve_settings(settings: Settings) -> ServeSettings:
-    """The ``serve`` section of ``settings`` when it has one, else YAML ``serve:`` and env."""
-    own = getattr(settings, "serve", None)
-    if isinstance(own, ServeSettings):
-        return own
-    data: dict[str, Any] = {}
-    path = os.environ.get("EHRFLOW_CONFIG")
-    if path and Path(path).is_file():
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(doc, dict):
-            section = doc.get("settings", doc).get("serve") or {}
-            if not isinstance(section, dict):
-                raise ValueError(f"{path}: 'serve' must be a mapping")
-            data = section
-    return ServeSettings(**data)
+    """The ``serve`` section of ``settings`` (YAML ``serve:`` or ``EHRFLOW_SERVE__*`` variables)."""
+    return settings.serve

@@ -34,8 +34,9 @@ def test_env_overrides_and_bad_section(monkeypatch, tmp_path):
 
     monkeypatch.setenv("EHRFLOW_SERVE__MAX_QUEUED_JOBS", "7")
     assert serve_settings(Settings()).max_queued_jobs == 7
+    monkeypatch.delenv("EHRFLOW_SERVE__MAX_QUEUED_JOBS")
     bad = tmp_path / "bad.yaml"
     bad.write_text("serve: [1, 2]\n")
     monkeypatch.setenv("EHRFLOW_CONFIG", str(bad))
-    with pytest.raises(ValueError, match="'serve' must be a mapping"):
-        serve_settings(Settings())
+    with pytest.raises(ValueError, match="serve"):
+        Settings()
