@@ -201,8 +201,14 @@ def main() -> None:
         if casefold_key(text) in held_out_texts
         and any(h["node_id"] == meta["node_id"] and casefold_key(h["text"]) == casefold_key(text) for h in held_out)
     )
+    leaked += sum(
+        1
+        for item in held_out
+        for match in kg.lexical_lookup(item["text"])
+        if match.node.id == item["node_id"] and match.kind != "normalized"
+    )
     if leaked:
-        raise AssertionError(f"{leaked} held-out synonyms are still labels of their own node")
+        raise AssertionError(f"{leaked} held-out synonyms are still exact labels of their own node")
 
     build: dict[str, Any] = {"labels": labels, "reused_existing_embeddings": report.skipped or report.added < labels}
     if not report.skipped and report.added == labels:
@@ -222,6 +228,7 @@ def main() -> None:
     else:
         build.update(full_scope_labels=full_scope_labels, note="build time unknown: the collection predates this run")
 
+    embedder.encode(["warm-up"])  # when the build was skipped the model is not loaded yet: keep that out of latency
     modes = {mode: evaluate(index, held_out, mode) for mode in ("lexical", "dense", "hybrid")}
     result = {
         "protocol": {
