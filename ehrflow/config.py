@@ -51,6 +51,12 @@ class KnowledgeSettings(BaseModel):
     """A KG built by ``ehrflow kg build`` / ``kg import-primekg``; ``None`` is the KG shipped in the package."""
 
 
+class ModelSettings(BaseModel):
+    """Trained checkpoints the workflow's predict node uses (``ehrflow train ...`` writes them)."""
+
+    fusion_checkpoint: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EHRFLOW_", env_nested_delimiter="__", extra="ignore")
 
@@ -69,6 +75,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
     @model_validator(mode="after")
     def _caches_under_home(self) -> Settings:

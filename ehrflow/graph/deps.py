@@ -64,6 +64,11 @@ class WorkflowDeps:
             entity_index.build(progress=progress)
         note_index = open_note_index(settings, client, kg)
         llm = llm if llm is not None else build_llm(settings.llm)
+        predictor = None
+        if settings.models.fusion_checkpoint:
+            from ehrflow.training.predictor import FusionPredictor
+
+            predictor = FusionPredictor.from_checkpoint(settings.models.fusion_checkpoint)
         return cls(
             store=PatientStore(settings.patient_store_url),
             kg=kg,
@@ -74,6 +79,7 @@ class WorkflowDeps:
             summary=SummaryAgent(llm, settings.summary),
             llm=llm,
             note_index=note_index,
+            predictor=predictor,
         )
 
 

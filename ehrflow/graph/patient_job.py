@@ -108,8 +108,13 @@ def build_patient_job(deps: WorkflowDeps, checkpointer: SqliteSaver | None = Non
     def predict(state: PatientJobState) -> dict[str, Any]:
         if deps.predictor is None:
             return {"_status": "skipped", "_message": "no trained model configured"}
-        preds = deps.predictor(deps.patient(state.patient_id), state.summary)
-        return {"predictions": preds}
+        from ehrflow.training.predictor import PredictionUnavailable
+
+        try:
+            preds = deps.predictor(deps.patient(state.patient_id), state.summary)
+        except PredictionUnavailable as err:
+            return {"_status": "skipped", "_message": str(err)}
+        return {"predictions": preds, "_message": ", ".join(f"{k} {v:.2f}" for k, v in preds.items())}
 
     def report(state: PatientJobState) -> dict[str, Any]:
         return {"report": render_report(state)}

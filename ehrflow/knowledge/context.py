@@ -71,10 +71,13 @@ def node_context(kg: KnowledgeGraph, node_ids: Iterable[str], max_relations: int
             if len(relations) >= max_relations:
                 break
             try:
-                pairs = kg.neighbors(node_id, relations=[relation], limit=max_relations - len(relations))
+                # over-fetch: a pair listed twice (e.g. "indication" and "disease-modifying indication") counts once
+                pairs = kg.neighbors(node_id, relations=[relation], limit=2 * (max_relations - len(relations)))
             except NodeNotFound:  # pragma: no cover - the node was found above
                 break
             for edge, other in pairs:
+                if len(relations) >= max_relations or any(r.other_id == other.id for r in relations):
+                    continue
                 node_first = edge.x_id == node_id
                 if _SUBJECT_TYPE.get(relation) in (node.type, other.type) and node.type != other.type:
                     node_first = node.type == _SUBJECT_TYPE[relation]

@@ -45,7 +45,9 @@ def test_unknown_and_repeated_ids_are_skipped_in_input_order(kg: KnowledgeGraph)
 def test_relations_are_capped_and_in_priority_order(kg: KnowledgeGraph, node_id: str, cap: int) -> None:
     available = kg.edges(node_id, relations=RELATION_PRIORITY)
     [context] = node_context(kg, [node_id], max_relations=cap)
-    assert len(context.relations) == min(cap, len(available))
+    others = {e.y_id if e.x_id == node_id else e.x_id for e in available}  # a pair listed twice counts once
+    assert len(context.relations) == min(cap, len(others))
+    assert len({r.other_id for r in context.relations}) == len(context.relations)
     assert priorities(context) == sorted(priorities(context))
     assert {r.relation for r in context.relations} <= set(RELATION_PRIORITY)
     if context.relations:  # the best relation available comes first
