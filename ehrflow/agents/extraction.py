@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from ehrflow.agents.negation import is_family, is_negated, sentences, words
+from ehrflow.agents.negation import is_family, is_negated, is_not_a_condition, sentences, words
 from ehrflow.agents.prompts import render
 from ehrflow.agents.types import Entity, EntityKind
 from ehrflow.knowledge.text import normalize
@@ -194,6 +194,8 @@ class ExtractionAgent:
                     for k in range(i, i + n):
                         taken[k] = True
                     s, e = toks[i].start(), toks[i + n - 1].end()
+                    if best.node.type != "drug" and is_not_a_condition(sent.section, sent.text, s, e):
+                        continue  # a vaccine, screening or procedure named after a condition
                     found.append(
                         Entity(
                             text=span,

@@ -146,3 +146,19 @@ def is_family(section: str | None, sentence: str, mention_start: int) -> bool:
 
 def words(text: str) -> list[re.Match[str]]:
     return list(_WORD.finditer(text))
+
+
+_NOT_A_CONDITION_SECTIONS = ("immuniz", "vaccin", "procedure", "screening")
+_ORDERED_BEFORE = re.compile(r"\b(?:screening|assessment|evaluation|test(?:ing)?)\s+(?:for|of)\s+$", re.IGNORECASE)
+_ORDERED_AFTER = re.compile(
+    r"^\s*(?:,\s*seasonal|screening|assessment|vaccine|vaccination|immunization|\(procedure\))", re.I
+)
+
+
+def is_not_a_condition(section: str | None, sentence: str, start: int, end: int) -> bool:
+    """Whether a disease or symptom name stands for something done, not something the patient has:
+    an immunisation ("influenza, seasonal, injectable"), a screening or assessment ("depression
+    screening", "assessment of anxiety"), or any mention under an immunisation or procedure header."""
+    if section and any(key in section for key in _NOT_A_CONDITION_SECTIONS):
+        return True
+    return bool(_ORDERED_BEFORE.search(sentence[:start]) or _ORDERED_AFTER.match(sentence[end:]))

@@ -64,3 +64,14 @@ def test_sentences_keep_offsets_and_sections():
     assert [s.section for s in spans] == ["hpi", "hpi", "plan"]
     s = "no chest pain, however fever persists"
     assert is_negated(s, 3, 13) and not is_negated(s, s.index("fever"), s.index("fever") + 5)
+
+
+def test_vaccines_screenings_and_procedure_sections_are_not_conditions(kg):
+    note = (
+        "# Immunizations\nThe patient was given the following immunizations:\n- influenza, seasonal, injectable\n\n"
+        "# Procedures\nThe following procedures were conducted:\n- depression screening (procedure)\n\n"
+        "# Assessment and Plan\nPatient has influenza and anxiety. Assessment of depression was done.\n"
+    )
+    found = ExtractionAgent(kg, config=ExtractionConfig(mode="lexical"))([Note(id="n", text=note)])
+    assert sorted(e.text.lower() for e in found) == ["anxiety", "influenza"]
+    assert all(e.section == "assessment and plan" for e in found)
