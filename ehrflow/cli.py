@@ -265,6 +265,86 @@ def chat(settings: Settings, patient_id: str, conversation: str, message: str | 
             click.echo(f" {mark}[{chunk.chunk_id}] {' '.join(chunk.text.split())[:160]}")
 
 
+@main.group()
+def train() -> None:
+    """Train models through Ray Train (configs are YAML files; see docs/)."""
+
+
+@main.group(name="eval")
+def evaluate() -> None:
+    """Evaluate trained checkpoints with bootstrap intervals."""
+
+
+def _yaml_config(model: type, path: Path):  # noqa: ANN202
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (ValidationError, yaml.YAMLError) as err:
+        raise click.ClickException(f"{path}: {err}") from err
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@train.command("fusion")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def train_fusion_cmd(config_path: Path) -> None:
+    """Train an EMERGE or MEDFuse fusion model (mortality, readmission, phenotypes); see docs/fusion.md."""
+    from ehrflow.training.fusion import FusionTrainConfig, ModalityError, train_fusion
+
+    config = _yaml_config(FusionTrainConfig, config_path)
+    try:
+        result = train_fusion(config)
+    except (ModalityError, FileExistsError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    _echo_json({"checkpoint": result.checkpoint, "best_epoch": result.best_epoch, "test": result.test_metrics})
+    click.echo(f"model card: {result.model_card}; use it with EHRFLOW_MODELS__FUSION_CHECKPOINT={result.checkpoint}")
+
+
+@evaluate.command("fusion")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Metrics and plots.")
+def eval_fusion_cmd(checkpoint: Path, out: Path | None) -> None:
+    """Evaluate a fusion checkpoint on its run's test split."""
+    from ehrflow.training.fusion import evaluate_fusion
+
+    _echo_json(evaluate_fusion(checkpoint, output_dir=out))
+
+
+@train.command("medrec")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def train_medrec_cmd(config_path: Path) -> None:
+    """Train a medication recommender (NLA-MMR, GAMENet, or a baseline); see docs/medrec.md."""
+    from ehrflow.training.medrec import MedRecConfig, train_medrec
+
+    result = train_medrec(_yaml_config(MedRecConfig, config_path))
+    _echo_json(result.model_dump(mode="json", exclude={"dataset_report"}))
+
+
+@evaluate.command("medrec")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--ddi-pairs", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--ddi-matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--rounds", type=int, default=None, help="Bootstrap rounds (default: the run's, 10).")
+@click.option("--baselines", is_flag=True, help="Also score the baselines on the same rounds.")
+def eval_medrec_cmd(
+    checkpoint: Path, split: str, ddi_pairs: Path | None, ddi_matrix: Path | None, rounds: int | None, baselines: bool
+) -> None:
+    """Jaccard, F1, PRAUC, DDI rate and #drugs (mean +- sd over bootstrap rounds of test patients)."""
+    from pydantic import BaseModel
+
+    from ehrflow.training.medrec import evaluate_medrec
+
+    metrics = evaluate_medrec(
+        checkpoint, split=split, ddi_pairs=ddi_pairs, ddi_matrix=ddi_matrix, rounds=rounds, with_baselines=baselines
+    )
+    click.echo(json.dumps(metrics, indent=2, default=lambda v: v.model_dump() if isinstance(v, BaseModel) else str(v)))
+
+
 @main.group(invoke_without_command=True)
 @click.pass_context
 def serve(ctx: click.Context) -> None:
