@@ -291,15 +291,20 @@ def _echo_json(data: object) -> None:
 
 @train.command("fusion")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def train_fusion_cmd(config_path: Path) -> None:
-    """Train an EMERGE or MEDFuse fusion model (mortality, readmission, phenotypes); see docs/fusion.md."""
-    from ehrflow.training.fusion import FusionTrainConfig, ModalityError, train_fusion
+@click.option("--resume", is_flag=True, help="Continue the run from its newest checkpoint.")
+@click.pass_obj
+def train_fusion_cmd(settings: Settings, config_path: Path, resume: bool) -> None:
+    """Train an EMERGE or MEDFuse fusion model (mortality, readmission, phenotypes); see docs/fusion.md.
 
-    config = _yaml_config(FusionTrainConfig, config_path)
+    Without a data source in the YAML, the configured patient store is used."""
+    from pydantic import ValidationError
+
+    from ehrflow.training.fusion import ModalityError, train_fusion_from_file
+
     try:
-        result = train_fusion(config)
-    except (ModalityError, FileExistsError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+        result = train_fusion_from_file(config_path, resume=resume, default_store_url=settings.patient_store_url)
+    except (ValidationError, ModalityError, FileExistsError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(f"{config_path}: {err}") from err
     _echo_json({"checkpoint": result.checkpoint, "best_epoch": result.best_epoch, "test": result.test_metrics})
     click.echo(f"model card: {result.model_card}; use it with EHRFLOW_MODELS__FUSION_CHECKPOINT={result.checkpoint}")
 
