@@ -350,6 +350,27 @@ def eval_medrec_cmd(
     click.echo(json.dumps(metrics, indent=2, default=lambda v: v.model_dump() if isinstance(v, BaseModel) else str(v)))
 
 
+@train.command("retriever")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def train_retriever_cmd(settings: Settings, config_path: Path) -> None:
+    """Fine-tune the note retriever on KG and LLM pairs (DR.EHR); see docs/retrieval.md.
+
+    Without a data source in the YAML, the configured patient store is used; the LLM is the configured one."""
+    from ehrflow.llm import build_llm
+    from ehrflow.training.retriever import RetrieverTrainConfig, train_retriever
+
+    config = _yaml_config(RetrieverTrainConfig, config_path)
+    if not config.data.store_url and not config.data.inputs:
+        config.data.store_url = settings.patient_store_url
+    try:
+        result = train_retriever(config, llm=build_llm(settings.llm))
+    except (FileExistsError, ValueError) as err:
+        raise click.ClickException(f"{config_path}: {err}") from err
+    _echo_json(result.model_dump(mode="json"))
+    click.echo(f"use it with EHRFLOW_EMBEDDER__MODEL={result.model_dir}")
+
+
 @main.group(invoke_without_command=True)
 @click.pass_context
 def serve(ctx: click.Context) -> None:

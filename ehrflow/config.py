@@ -30,6 +30,20 @@ class RaySettings(BaseModel):
     num_cpus: int | None = None
     include_dashboard: bool = False
 
+    def ensure_initialized(self) -> bool:
+        """Start (or join, with ``address``) Ray unless it is up; True when this call started it."""
+        import ray
+
+        if ray.is_initialized():
+            return False
+        ray.init(
+            address=self.address,
+            num_cpus=self.num_cpus,
+            include_dashboard=self.include_dashboard,
+            log_to_driver=False,
+        )
+        return True
+
 
 class ChromaSettings(BaseModel):
     """Embedded ``PersistentClient`` under ``home`` by default; a Chroma server when ``host`` is set."""

@@ -76,12 +76,7 @@ def run_demo(settings: Settings) -> int:
     r = rep.result
     click.echo(f"  physionet2012: {r.inserted} inserted, {r.updated} updated, {r.unchanged} unchanged")
 
-    ray.init(
-        address=settings.ray.address,
-        num_cpus=settings.ray.num_cpus,
-        include_dashboard=settings.ray.include_dashboard,
-        log_to_driver=False,
-    )
+    settings.ray.ensure_initialized()
     stop = None
     try:
         _step("2. Train an in-hospital mortality model with Ray Train (1 worker)")

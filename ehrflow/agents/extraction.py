@@ -128,34 +128,11 @@ class LLMExtraction(BaseModel):
     not_about_patient: list[Annotated[str, Field(max_length=60)]] = Field(default_factory=list, max_length=8)
 
 
-HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"
-"""HPO's other top branches (clinical modifiers such as "Acute", modes of inheritance, frequencies)
-name no condition, so a match under them is not an entity."""
-
-
 class ExtractionAgent:
     def __init__(self, kg, llm=None, config: ExtractionConfig | None = None):  # noqa: ANN001
         self.kg = kg
         self.llm = llm
         self.config = config or ExtractionConfig()
-        self._is_condition: dict[str, bool] = {}
-
-    def _names_a_condition(self, node_id: str) -> bool:
-        """False for HPO terms outside "Phenotypic abnormality"; other vocabularies are kept."""
-        if not node_id.startswith("HP:"):
-            return True
-        if node_id not in self._is_condition:
-            seen, frontier = {node_id}, [node_id]
-            while frontier and HPO_PHENOTYPIC_ABNORMALITY not in seen:
-                parents = [
-                    e.y_id
-                    for nid in frontier
-                    for e in self.kg.edges(nid, relations=["phenotype_phenotype"], direction="out")
-                ]
-                frontier = [p for p in parents if p not in seen]
-                seen.update(frontier)
-            self._is_condition[node_id] = HPO_PHENOTYPIC_ABNORMALITY in seen
-        return self._is_condition[node_id]
 
     def __call__(self, notes: Iterable[Note]) -> list[Entity]:
         notes = list(notes)
@@ -186,7 +163,7 @@ class ExtractionAgent:
                     matches = [
                         m
                         for m in self.kg.lexical_lookup(_SEMANTIC_TAG.sub("", span), types=self.config.node_types)
-                        if self._names_a_condition(m.node.id)
+                        if self.kg.names_a_condition(m.node.id)
                     ]
                     if not matches:
                         continue

@@ -133,13 +133,7 @@ def run_cohort(
 
     store = PatientStore(settings.patient_store_url)
     open_note_index(settings).index_patients((store.get(pid) for pid in pending if pid in store), progress=progress)
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray.address,
-            num_cpus=settings.ray.num_cpus,
-            include_dashboard=settings.ray.include_dashboard,
-            log_to_driver=False,
-        )
+    settings.ray.ensure_initialized()
     actor = ray.remote(num_cpus=cpus_per_worker)(PatientJobWorker)
     pool = ActorPool([actor.remote(settings) for _ in range(max(1, min(num_workers, len(pending))))])
     bar = tqdm(total=len(pending), desc=f"patient jobs ({task})", unit=" patients", disable=not progress)

@@ -24,6 +24,7 @@ from ehrflow.knowledge.text import canonical_xref, casefold_key, is_abbreviation
 __all__ = ["Edge", "KGFormatError", "KnowledgeGraph", "LexicalMatch", "Node", "NodeNotFound", "default_kg_dir"]
 
 Direction = Literal["out", "in", "both"]
+HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"
 
 
 class Node(BaseModel):
@@ -124,6 +125,7 @@ class KnowledgeGraph:
         self._rel_ids: dict[str, list[int]] = {}
         for r, (relation, _, _) in self._rels.items():
             self._rel_ids.setdefault(relation, []).append(r)
+        self._names_condition: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -307,6 +309,22 @@ class KnowledgeGraph:
         rows = self._edge_rows(node_id, relations, limit, direction)
         nodes = self._ids(n for x, _, y, _ in rows for n in (x, y))
         return [(self._edge(x, r, y, nodes), _node(nodes[other])) for x, r, y, other in rows]
+
+    def names_a_condition(self, node_id: str) -> bool:
+        """False for HPO terms outside "Phenotypic abnormality" (clinical modifiers such as "Acute" or
+        "Moderate", modes of inheritance, frequencies): they name no condition. Other nodes: True."""
+        if not node_id.startswith("HP:"):
+            return True
+        if node_id not in self._names_condition:
+            seen, frontier = {node_id}, [node_id]
+            while frontier and HPO_PHENOTYPIC_ABNORMALITY not in seen:
+                parents = [
+                    e.y_id for nid in frontier for e in self.edges(nid, ["phenotype_phenotype"], direction="out")
+                ]
+                frontier = [p for p in parents if p not in seen]
+                seen.update(frontier)
+            self._names_condition[node_id] = HPO_PHENOTYPIC_ABNORMALITY in seen
+        return self._names_condition[node_id]
 
     # ------------------------------------------------------------------ lexical lookup
 

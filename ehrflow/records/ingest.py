@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from ehrflow.records.errors import ErrorSink, Rejected
 from ehrflow.records.labels import derive_outcomes
 from ehrflow.records.loaders import get_loader
-from ehrflow.records.store import IngestResult, PatientStore
+from ehrflow.records.model import Patient
+from ehrflow.records.store import CohortFilter, IngestResult, PatientStore
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +63,25 @@ def ingest_path(
         log.info("ingested %s file %d/%d: %s", fmt, number, len(units), res)
         log.debug("file %d is %s", number, unit)
     return report
+
+
+class InputSpec(BaseModel):
+    """A loader input named in a training config: a format (``ehrflow ingest --format``) and a path."""
+
+    format: str
+    path: Path
+
+
+def source_patients(store_url: str | None, cohort: str = "", inputs: Iterable[InputSpec] = ()) -> Iterator[Patient]:
+    """Patients from a store (with a cohort filter) or, without one, streamed from loader inputs with their
+    outcome labels derived: what a trainer reads when it is not handed patients directly."""
+    if store_url:
+        yield from PatientStore(store_url).iter_patients(CohortFilter.parse(cohort))
+        return
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("data: give store_url or inputs")
+    for spec in inputs:
+        loader = get_loader(spec.format)
+        for unit in loader.units(spec.path):
+            yield from (derive_outcomes(p) for p in loader.load(unit, ErrorSink()))

@@ -148,18 +148,6 @@ def app_from_config(_args: dict[str, str] | None = None) -> Any:
     return build_application(Settings())
 
 
-def _ensure_ray(settings: Settings) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray.address,
-            num_cpus=settings.ray.num_cpus,
-            include_dashboard=settings.ray.include_dashboard,
-            log_to_driver=False,
-        )
-
-
 def wait_ready(base_url: str, timeout_s: float = 600.0) -> None:
     """Poll ``/readyz`` until the app and its workflow replicas answer."""
     deadline = time.monotonic() + timeout_s
@@ -181,7 +169,7 @@ def serve_app(settings: Settings, *, blocking: bool = True, serve_cfg: ServeSett
     Blocking, it serves until interrupted and then shuts Serve down; else it returns the base URL."""
     cfg = serve_cfg or serve_settings(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    _ensure_ray(settings)
+    settings.ray.ensure_initialized()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_application(settings, cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     base_url = f"http://{cfg.host}:{cfg.port}"

@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from ehrflow.models.fusion import FusionModel, FusionModelConfig, Task
+from ehrflow.records.ingest import InputSpec, source_patients
 from ehrflow.records.model import Patient
 from ehrflow.training.evaluate import evaluate_predictions, flat_values, plot_binary, write_model_card
 from ehrflow.training.features import (
@@ -61,11 +62,6 @@ log = logging.getLogger(__name__)
 
 Modality = Literal["timeseries", "static", "stats", "notes", "summary"]
 SPLITS = ("train", "val", "test")
-
-
-class InputSpec(BaseModel):
-    format: str
-    path: Path
 
 
 class DataConfig(BaseModel):
@@ -191,25 +187,6 @@ class FusionResult:
 # ---------------------------------------------------------------- data
 
 
-def _load_patients(config: FusionTrainConfig) -> Iterable[Patient]:
-    data = config.data
-    if data.store_url:
-        from ehrflow.records.store import CohortFilter, PatientStore
-
-        yield from PatientStore(data.store_url).iter_patients(CohortFilter.parse(data.cohort))
-        return
-    if not data.inputs:
-        raise ValueError("data: give store_url or inputs (or pass patients to train_fusion)")
-    from ehrflow.records.errors import ErrorSink
-    from ehrflow.records.labels import derive_outcomes
-    from ehrflow.records.loaders import get_loader
-
-    for spec in data.inputs:
-        loader = get_loader(spec.format)
-        for unit in loader.units(spec.path):
-            yield from (derive_outcomes(p) for p in loader.load(unit, ErrorSink()))
-
-
 def load_summaries(path: str | Path) -> dict[str, str]:
     """Workflow summaries by stay or patient id, from JSON or JSONL."""
     path = Path(path)
@@ -301,7 +278,11 @@ def prepare_data(
     report = FeatureReport()
     if summaries is None and config.data.summaries_path is not None:
         summaries = load_summaries(config.data.summaries_path)
-    source = patients if patients is not None else _load_patients(config)
+    source = (
+        patients
+        if patients is not None
+        else source_patients(config.data.store_url, config.data.cohort, config.data.inputs)
+    )
     if config.data.max_patients is not None:
         source = (p for i, p in enumerate(source) if i < config.data.max_patients)
     records = extract_stays(source, config.features, report, summaries)

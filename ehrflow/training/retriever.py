@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from itertools import zip_longest
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ehrflow.knowledge.graph import KnowledgeGraph, Node
 from ehrflow.knowledge.text import casefold_key
 from ehrflow.llm.base import LLM, LLMConfig, LLMError
+from ehrflow.records.ingest import InputSpec, source_patients
 from ehrflow.records.model import Patient
 from ehrflow.retrieval.expansion import HIERARCHY_RELATIONS, QueryExpander
 from ehrflow.retrieval.notes import patient_chunks
@@ -55,14 +56,8 @@ log = logging.getLogger(__name__)
 PairSource = Literal["name", "synonym", "parent", "llm"]
 PAIRS_FILE = "pairs.jsonl"
 REPORT_FILE = "ehrflow_retriever.json"
-HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"
 MAX_QUERY_CHARS = 80
 """Longer KG labels are descriptions rather than how anyone searches."""
-
-
-class InputSpec(BaseModel):
-    format: str
-    path: Path
 
 
 class RetrieverDataConfig(BaseModel):
@@ -175,23 +170,6 @@ class _ChunkEntities(BaseModel):
 # ---------------------------------------------------------------------- pair mining
 
 
-def _load_patients(data: RetrieverDataConfig) -> Iterator[Patient]:
-    if data.store_url:
-        from ehrflow.records.store import CohortFilter, PatientStore
-
-        yield from PatientStore(data.store_url).iter_patients(CohortFilter.parse(data.cohort))
-        return
-    if not data.inputs:
-        raise ValueError("data: give store_url or inputs (or pass patients to train_retriever)")
-    from ehrflow.records.errors import ErrorSink
-    from ehrflow.records.loaders import get_loader
-
-    for spec in data.inputs:
-        loader = get_loader(spec.format)
-        for unit in loader.units(spec.path):
-            yield from loader.load(unit, ErrorSink())
-
-
 def sample_chunks(patients: Iterable[Patient], data: RetrieverDataConfig, seed: int) -> list[tuple[str, str]]:
     """(chunk id, text) of the patients' notes, chunked as ``NoteIndex`` does; a seeded sample of ``max_chunks``."""
     chunks: list[tuple[str, str]] = []
@@ -212,14 +190,13 @@ class PairMiner:
         self.options = options
         self.llm = llm
         self.expander = QueryExpander(kg, node_types=options.node_types)
-        self._is_condition: dict[str, bool] = {}
 
     def knowledge_queries(self, text: str) -> list[tuple[str, PairSource, str]]:
         """(query, source, node id) from the KG nodes named in ``text``: names first, then synonyms, then parents."""
         names, synonyms, parents = [], [], []
         for _, nodes in self.expander.ground(text):
             for node in nodes:
-                if not self._names_a_condition(node.id):
+                if not self.kg.names_a_condition(node.id):
                     continue
                 names.append((node.name, "name", node.id))
                 synonyms.extend((s, "synonym", node.id) for s in node.synonyms[: self.options.max_synonyms])
@@ -230,23 +207,6 @@ class PairMiner:
                         parents.append((parent.name, "parent", node.id))
         interleaved = [q for group in zip_longest(names, synonyms, parents) for q in group if q is not None]
         return _unique(interleaved)  # interleaved, so a per-chunk cap keeps some of each kind
-
-    def _names_a_condition(self, node_id: str) -> bool:
-        """HPO terms outside "Phenotypic abnormality" are modifiers ("Moderate", "Affected"), not entities."""
-        if not node_id.startswith("HP:"):
-            return True
-        if node_id not in self._is_condition:
-            seen, frontier = {node_id}, [node_id]
-            while frontier and HPO_PHENOTYPIC_ABNORMALITY not in seen:
-                parents = [
-                    e.y_id
-                    for nid in frontier
-                    for e in self.kg.edges(nid, relations=["phenotype_phenotype"], direction="out")
-                ]
-                frontier = [p for p in parents if p not in seen]
-                seen.update(frontier)
-            self._is_condition[node_id] = HPO_PHENOTYPIC_ABNORMALITY in seen
-        return self._is_condition[node_id]
 
     def llm_nodes(self, text: str, report: PairReport) -> list[Node]:
         """KG nodes for the entities the LLM lists for ``text``; ungrounded ones are counted and dropped.
@@ -279,7 +239,7 @@ class PairMiner:
             if not matches:
                 report.llm_dropped += 1
                 continue
-            node = next((m.node for m in matches if self._names_a_condition(m.node.id)), None)
+            node = next((m.node for m in matches if self.kg.names_a_condition(m.node.id)), None)
             if node is None:
                 report.llm_dropped += 1
                 continue
@@ -457,7 +417,13 @@ def train_retriever(
         from ehrflow.llm import build_llm
 
         llm = build_llm(config.pairs.llm)
-    chunks = sample_chunks(patients if patients is not None else _load_patients(config.data), config.data, 0)
+    chunks = sample_chunks(
+        patients
+        if patients is not None
+        else source_patients(config.data.store_url, config.data.cohort, config.data.inputs),
+        config.data,
+        0,
+    )
     if not chunks:
         raise ValueError("retriever training: the patients have no note text to train on")
     pairs, report = PairMiner(kg, config.pairs, llm if config.pairs.llm_stage else None).mine(chunks)
