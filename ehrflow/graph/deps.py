@@ -51,8 +51,11 @@ class WorkflowDeps:
         return self._patients[patient_id]
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, llm: Any = None, progress: bool = False) -> WorkflowDeps:
-        """Open the stores, the KG and its entity index (built on first use), the note index, and the LLM."""
+    def from_settings(
+        cls, settings: Settings, *, llm: Any = None, embedder: Any = None, predictor: Any = None, progress: bool = False
+    ) -> WorkflowDeps:
+        """Open the stores, the KG and its entity index (built on first use), the note index, the LLM and the
+        trained model. ``llm``, ``embedder`` and ``predictor`` replace the configured ones (Serve passes handles)."""
         from ehrflow.knowledge import KnowledgeGraph
         from ehrflow.llm import build_llm
         from ehrflow.retrieval import EntityIndex, chroma_client
@@ -62,10 +65,9 @@ class WorkflowDeps:
         entity_index = EntityIndex.from_config(kg, settings.grounding, client)
         if settings.grounding.mode != "lexical":
             entity_index.build(progress=progress)
-        note_index = open_note_index(settings, client, kg)
+        note_index = open_note_index(settings, client, kg, embedder)
         llm = llm if llm is not None else build_llm(settings.llm)
-        predictor = None
-        if settings.models.fusion_checkpoint:
+        if predictor is None and settings.models.fusion_checkpoint:
             from ehrflow.training.predictor import FusionPredictor
 
             predictor = FusionPredictor.from_checkpoint(settings.models.fusion_checkpoint)
@@ -83,13 +85,19 @@ class WorkflowDeps:
         )
 
 
-def open_note_index(settings: Settings, client: Any = None, kg: Any = None) -> Any:
-    """The patients' note index in the configured Chroma, embedded with the configured embedder."""
-    from ehrflow.retrieval import NoteIndex, SentenceTransformerEmbedder, chroma_client
+def build_embedder(settings: Settings) -> Any:
+    """The configured note embedder (all-MiniLM-L6-v2 by default, or a fine-tuned retriever directory)."""
+    from ehrflow.retrieval import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(
+        settings.embedder.model, backend=settings.embedder.backend, device=settings.embedder.device
+    )
+
+
+def open_note_index(settings: Settings, client: Any = None, kg: Any = None, embedder: Any = None) -> Any:
+    """The patients' note index in the configured Chroma, embedded with ``embedder`` or the configured one."""
+    from ehrflow.retrieval import NoteIndex, chroma_client
 
     if client is None:
         client = chroma_client(path=settings.chroma_path, host=settings.chroma.host, port=settings.chroma.port)
-    embedder = SentenceTransformerEmbedder(
-        settings.embedder.model, backend=settings.embedder.backend, device=settings.embedder.device
-    )
-    return NoteIndex(embedder, client, kg=kg)
+    return NoteIndex(embedder or build_embedder(settings), client, kg=kg)

@@ -1,6 +1,7 @@
 """Ray Serve deployments: ``Ingress`` (the FastAPI app and its job runner) -> ``Workflow``
-(LangGraph patient jobs and chat) -> optionally ``LLM`` (one model shared by all workflow
-replicas). Replicas, autoscaling and actor resources come from :class:`ServeSettings`.
+(LangGraph patient jobs and chat) -> optionally ``LLM``, ``Embedder`` and ``Predictor`` (one
+model each, shared by all workflow replicas; on a cluster, the ones given GPUs). Replicas,
+autoscaling and actor resources come from :class:`ServeSettings`.
 
 Replicas get the driver's settings as JSON and its working directory, so relative paths in
 the configuration mean the same thing in every process on a one-machine cluster; on a real
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -68,19 +70,111 @@ class RemoteLLM(BaseLLM):
         return self.handle.generate.remote(request).result()
 
 
+@serve.deployment(name="Embedder")
+class EmbedderDeployment:
+    """The note embedder behind a handle: one loaded model (or one GPU) serves every workflow replica."""
+
+    def __init__(self, settings_json: str, cwd: str):
+        from ehrflow.graph.deps import build_embedder
+
+        self.embedder = build_embedder(_restore(settings_json, cwd))
+
+    def info(self) -> tuple[str, int]:
+        return self.embedder.name, self.embedder.dim
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.embedder.encode(texts, batch_size)
+
+
+class RemoteEmbedder:
+    """An ``Embedder`` whose encoding runs in the ``Embedder`` deployment.
+
+    ``name`` (the vector space) comes from the settings without loading the model, because replica
+    constructors run on an event loop and may not block on a handle; ``dim`` is asked on first use.
+    """
+
+    def __init__(self, handle: DeploymentHandle, settings: Settings):
+        from ehrflow.graph.deps import build_embedder
+
+        self.handle = handle
+        self.name = build_embedder(settings).name  # lazy: no model is loaded here
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.handle.info.remote().result()[1])
+        return self._dim
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not one string")
+        return self.handle.encode.remote(list(texts), batch_size).result()
+
+
+@serve.deployment(name="Predictor")
+class PredictorDeployment:
+    """The trained fusion checkpoint (``models.fusion_checkpoint``) behind a handle."""
+
+    def __init__(self, settings_json: str, cwd: str):
+        from ehrflow.training.predictor import FusionPredictor
+
+        settings = _restore(settings_json, cwd)
+        if settings.models.fusion_checkpoint is None:
+            raise ValueError("models.fusion_checkpoint: the Predictor deployment needs a trained checkpoint")
+        self.predictor = FusionPredictor.from_checkpoint(settings.models.fusion_checkpoint)
+
+    def predict(self, patient: Any, summary: Any) -> dict[str, Any]:
+        """``{"predictions": ...}``, or ``{"unavailable": reason}`` for a patient the model cannot score."""
+        from ehrflow.training.predictor import PredictionUnavailable
+
+        try:
+            return {"predictions": self.predictor(patient, summary)}
+        except PredictionUnavailable as err:
+            return {"unavailable": str(err)}
+
+
+class RemotePredictor:
+    """The workflow's ``predictor`` callable over the ``Predictor`` deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def __call__(self, patient: Any, summary: Any = None) -> dict[str, float]:
+        from ehrflow.training.predictor import PredictionUnavailable
+
+        answer = self.handle.predict.remote(patient, summary).result()
+        if "unavailable" in answer:
+            raise PredictionUnavailable(answer["unavailable"])
+        return answer["predictions"]
+
+
 @serve.deployment(name="Workflow")
 class WorkflowDeployment:
     """Runs patient jobs and chat turns; writes job progress to the job store itself."""
 
-    def __init__(self, settings_json: str, serve_json: str, cwd: str, llm: DeploymentHandle | None = None):
+    def __init__(
+        self,
+        settings_json: str,
+        serve_json: str,
+        cwd: str,
+        llm: DeploymentHandle | None = None,
+        embedder: DeploymentHandle | None = None,
+        predictor: DeploymentHandle | None = None,
+    ):
         from ehrflow.graph import WorkflowDeps
         from ehrflow.serve.jobs import JobStore
         from ehrflow.serve.workflow import LocalWorkflow
 
         settings = _restore(settings_json, cwd)
         cfg = ServeSettings.model_validate_json(serve_json)
-        remote_llm = RemoteLLM(settings.llm, llm) if llm is not None else None
-        self.workflow = LocalWorkflow(settings, WorkflowDeps.from_settings(settings, llm=remote_llm))
+        deps = WorkflowDeps.from_settings(
+            settings,
+            llm=RemoteLLM(settings.llm, llm) if llm is not None else None,
+            embedder=RemoteEmbedder(embedder, settings) if embedder is not None else None,
+            predictor=RemotePredictor(predictor) if predictor is not None else None,
+        )
+        self.workflow = LocalWorkflow(settings, deps)
         self.jobs = JobStore(cfg.resolved_jobs_url(settings))
 
     def run_job(self, job_id: str, patient_id: str, tasks: list[str]) -> dict[str, Any]:
@@ -135,10 +229,18 @@ def build_application(settings: Settings, serve_cfg: ServeSettings | None = None
     # the LLM API key is a SecretStr (dumped masked): replicas read it from EHRFLOW_LLM_API_KEY
     settings_json = settings.model_dump_json(exclude={"llm": {"api_key"}})
     serve_json, cwd = cfg.model_dump_json(), os.getcwd()
-    llm = None
+    llm = embedder = predictor = None
     if cfg.llm_deployment:
         llm = LLMDeployment.options(**cfg.llm.as_options()).bind(settings_json, cwd)
-    workflow = WorkflowDeployment.options(**cfg.workflow.as_options()).bind(settings_json, serve_json, cwd, llm)
+    if cfg.embedder_deployment:
+        embedder = EmbedderDeployment.options(**cfg.embedder.as_options()).bind(settings_json, cwd)
+    if cfg.predictor_deployment:
+        if settings.models.fusion_checkpoint is None:
+            raise ValueError("serve.predictor_deployment needs models.fusion_checkpoint (a trained fusion model)")
+        predictor = PredictorDeployment.options(**cfg.predictor.as_options()).bind(settings_json, cwd)
+    workflow = WorkflowDeployment.options(**cfg.workflow.as_options()).bind(
+        settings_json, serve_json, cwd, llm, embedder, predictor
+    )
     return Ingress.options(**cfg.ingress.as_options()).bind(settings_json, serve_json, cwd, workflow)
 
 

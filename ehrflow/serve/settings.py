@@ -61,6 +61,12 @@ class ServeSettings(BaseModel):
     """Run the LLM in its own deployment shared by all workflow replicas (e.g. one GGUF model, or
     ``num_gpus`` for in-process vLLM); off, each workflow replica holds its own LLM client."""
     llm: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=4))
+    embedder_deployment: bool = False
+    """Encode notes and queries in one ``Embedder`` deployment shared by the workflow replicas."""
+    embedder: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
+    predictor_deployment: bool = False
+    """Score patients in a ``Predictor`` deployment holding ``models.fusion_checkpoint``."""
+    predictor: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
 
     def resolved_jobs_url(self, settings: Settings) -> str:
         return self.jobs_url or f"sqlite:///{(Path(settings.home) / 'serve.db').resolve()}"

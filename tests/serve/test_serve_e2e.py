@@ -36,17 +36,54 @@ def deploy(settings, cfg):
     wait_ready(f"http://127.0.0.1:{PORT}", timeout_s=300)
 
 
-def test_serve_end_to_end(ray_session, tmp_path):
+def tiny_mortality_checkpoint(stays, root):
+    """A fusion model trained for one step (Ray Train local mode): enough to exercise the Predictor."""
+    from ehrflow.training.fusion import FusionTrainConfig, train_fusion
+
+    config = FusionTrainConfig.model_validate(
+        {
+            "tasks": ["mortality"],
+            "split": {"fractions": [0.6, 0.2, 0.2], "seed": 1},
+            "model": {"hidden": 8, "heads": 2},
+            "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
+            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "tiny"},
+            "n_bootstrap": 0,
+        }
+    )
+    return train_fusion(config, stays).checkpoint
+
+
+def test_serve_end_to_end(ray_session, tmp_path, shared_data):
+    import itertools
+
     from ray import serve
 
     from ehrflow.config import get_settings
     from ehrflow.demo import demo_data_dir
+    from ehrflow.records.errors import ErrorSink
+    from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
     from ehrflow.serve.auth import create_api_key
     from ehrflow.serve.settings import ServeSettings
 
-    settings = get_settings(home=tmp_path / "home", grounding={"mode": "lexical"})
+    stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
+    stays = list(itertools.islice(stream, 60))
+    stream.close()
+    settings = get_settings(
+        home=tmp_path / "home",
+        grounding={"mode": "lexical"},
+        models={"fusion_checkpoint": tiny_mortality_checkpoint(stays, tmp_path)},
+    )
     settings.home.mkdir()
-    cfg = ServeSettings(port=PORT, app_name=APP, job_workers=1, job_lease_s=4, poll_interval_s=0.2)
+    # the embedder and the trained model run in their own deployments, called by the Workflow replica
+    cfg = ServeSettings(
+        port=PORT,
+        app_name=APP,
+        job_workers=1,
+        job_lease_s=4,
+        poll_interval_s=0.2,
+        embedder_deployment=True,
+        predictor_deployment=True,
+    )
     key = create_api_key(settings, "hospital-a")
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
@@ -67,6 +104,11 @@ def test_serve_end_to_end(ray_session, tmp_path):
         statements = done["result"]["summary"]["statements"]
         assert statements and all(s["citations"] for s in statements)
         nodes_once(done)
+
+        (stay_id,) = client.post_patient(stays[0].model_dump(mode="json"))["patient_ids"]
+        scored = client.wait_job(client.submit_job(stay_id, ["mortality"])["id"], timeout_s=300)
+        assert scored["status"] == "succeeded", scored["error"]
+        assert scored["result"]["mortality"]["available"] and 0 < scored["result"]["mortality"]["probability"] < 1
 
         answer = client.chat(pid, "Is there any chest pain?")
         assert not answer["no_evidence"] and answer["evidence"] and answer["citations"]
@@ -96,6 +138,6 @@ def test_serve_end_to_end(ray_session, tmp_path):
         for j in finished:
             nodes_once(j)
         metrics = httpx.get(f"http://127.0.0.1:{PORT}/metrics").text
-        assert 'ehrflow_jobs{state="succeeded"} 5.0' in metrics
+        assert 'ehrflow_jobs{state="succeeded"} 6.0' in metrics
     finally:
         serve.shutdown()
