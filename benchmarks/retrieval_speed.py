@@ -253,6 +253,7 @@ def main() -> None:
             "goal": ">= 0.8",
         }
         log.info("indexing %s", payload["indexing"])
+        save(payload, args, complete=False)
 
         onnx_embedder = SentenceTransformerEmbedder(backend="onnx", onnx_cache=home / "onnx")
         int8 = quantised_onnx_embedder(onnx_embedder, home)
@@ -267,16 +268,23 @@ def main() -> None:
             ),
         }
         log.info("backends %s", payload["backends"]["speedup_vs_torch"])
+        save(payload, args, complete=False)
 
         vectors = torch_embedder.encode(texts)
         payload["latency"] = latency_over_stored_vectors(texts, vectors, torch_embedder, args.chunks, 40, home)
         log.info("latency %s", payload["latency"])
 
-    payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
     payload["wall_s"] = round(time.perf_counter() - started, 1)
     payload["digest_of_texts"] = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
     print(json.dumps(payload, indent=2))
+    save(payload, args, complete=True)
+
+
+def save(payload: dict[str, Any], args: argparse.Namespace, complete: bool) -> None:
+    """Written after every stage, so a run cut short keeps the stages it finished."""
     if not args.no_write:
+        payload["complete"] = complete
+        payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
         write_result("retrieval_speed", payload, packages=("bm25s", "chromadb", "onnxruntime", "sentence-transformers"))
 
 
