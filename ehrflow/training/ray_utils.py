@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import tempfile
@@ -39,6 +40,9 @@ class RayTrainConfig(BaseModel):
     name: str = "run"
     checkpoints_to_keep: int | None = Field(3, ge=1)
     max_failures: int = Field(0, ge=-1)
+    controller_poll_s: float = Field(0.25, gt=0)
+    """How often the Train controller polls workers for reports. Ray's default (2 s) makes every
+    epoch shorter than that wait for the next poll; 0.25 s cuts the per-epoch overhead on small models."""
     resume: bool = False
     """Continue from the newest checkpoint under ``storage_path/name`` (error if there is none)."""
 
@@ -57,6 +61,8 @@ def scaling_config(cfg: RayTrainConfig):  # noqa: ANN201
 def run_config(cfg: RayTrainConfig):  # noqa: ANN201
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    # Read by the controller actor that ``fit()`` starts; Train V2 propagates it from the driver.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.controller_poll_s)
     return RunConfig(
         name=cfg.name,
         storage_path=str(Path(cfg.storage_path).resolve()),
