@@ -21,7 +21,9 @@ def shared_data() -> Path:
     """The open data sets (``EHRFLOW_SHARED_DATA`` or ``../shared/data`` beside the repo)."""
     root = Path(os.environ.get("EHRFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (root / "ehr").is_dir():
-        pytest.fail(f"shared data not found at {root}: clone the repo with ../shared beside it or set EHRFLOW_SHARED_DATA")
+        pytest.fail(
+            f"shared data not found at {root}: clone the repo with ../shared beside it or set EHRFLOW_SHARED_DATA"
+        )
     return root
 
 

@@ -26,7 +26,15 @@ def _by_text(entities):
 def test_lexical_extraction_marks_negated_and_family_mentions(kg):
     agent = ExtractionAgent(kg, config=ExtractionConfig(mode="lexical"))
     found = _by_text(agent([Note(id="n1", text=CRAFTED)]))
-    assert {"chest pain", "cough", "headache", "fever", "pneumonia", "hyperkalemia", "myocardial infarction"} <= found.keys()
+    assert {
+        "chest pain",
+        "cough",
+        "headache",
+        "fever",
+        "pneumonia",
+        "hyperkalemia",
+        "myocardial infarction",
+    } <= found.keys()
     assert not found["chest pain"].negated and not found["cough"].negated
     assert found["headache"].negated and found["fever"].negated and found["pneumonia"].negated
     assert not found["hyperkalemia"].negated  # "but" ends the negation's scope

@@ -59,7 +59,9 @@ def _inputs():
 
 def test_structured_summary_cites_every_statement():
     finding, grounded, facts, evidence = _inputs()
-    summary = SummaryAgent(config=SummaryConfig(rewrite_with_llm=False))("mortality", [finding], grounded, facts, evidence)
+    summary = SummaryAgent(config=SummaryConfig(rewrite_with_llm=False))(
+        "mortality", [finding], grounded, facts, evidence
+    )
     texts = [s.text for s in summary.statements]
     assert any("potassium high (6.1 mmol/L), consistent with Hyperkalemia" in t for t in texts)
     assert any(t.startswith("Documented condition: congestive heart failure") for t in texts)
@@ -73,7 +75,11 @@ def test_structured_summary_cites_every_statement():
 def test_validate_drops_uncited_and_unknown_citations():
     s = HealthSummary(
         task="general",
-        statements=[Statement(text="a", citations=["X:1"]), Statement(text="b"), Statement(text="c", citations=["X:9"])],
+        statements=[
+            Statement(text="a", citations=["X:1"]),
+            Statement(text="b"),
+            Statement(text="c", citations=["X:9"]),
+        ],
     )
     out = validate(s, {"X:1"})
     assert [st.text for st in out.statements] == ["a"] and out.dropped_uncited == 2
