@@ -238,7 +238,15 @@ def write_summary(
             "chosen on the validation split",
         },
         "stays_loaded": len(records),
-        "load_report": extract_report.model_dump(exclude={"warnings"}),
+        "load_report": extract_report.model_dump(  # counters of the extraction step (the rest count per fold)
+            include={
+                "stays_seen",
+                "stays_without_measurements",
+                "values_non_numeric",
+                "values_nonfinite",
+                "values_outside_window",
+            }
+        ),
         "summary": summary,
         "best_ehrflow_model": best,
         "best_ehrflow_beats_gbt": summary[best]["auroc_mean"] > gbt_mean,
