@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ehrflow.knowledge.build import ABBREVIATION, NORMALIZED, SCHEMA_VERSION, SEPARATOR, TERM_KINDS, cached_index
 from ehrflow.knowledge.readers import KGFormatError
-from ehrflow.knowledge.text import canonical_xref, casefold_key, is_abbreviation, normalize
+from ehrflow.knowledge.text import canonical_xref, casefold_key, is_abbreviation, normalize, series_code
 
 __all__ = ["Edge", "KGFormatError", "KnowledgeGraph", "LexicalMatch", "Node", "NodeNotFound", "default_kg_dir"]
 
@@ -361,6 +361,34 @@ class KnowledgeGraph:
         ordered = sorted(best.items(), key=lambda item: (item[1][0], item[0]))
         return [
             LexicalMatch(node=_node(row), kind=TERM_KINDS[kind], matched=matched) for _, (kind, matched, row) in ordered
+        ]
+
+    def series_abbreviations(
+        self, letters: str, types: Iterable[str] | None = None, limit: int = 500
+    ) -> list[tuple[str, Node]]:
+        """Abbreviations of the numbered series ``letters`` ("USH" -> USH1, USH2A, ...) with their nodes.
+
+        Lets grounding read an unseen member ("USH3") off its siblings' names ("Usher syndrome type 1").
+        """
+        key = casefold_key(letters)
+        if not key.isalpha():
+            return []
+        sql = (
+            f"SELECT t.matched, {_NODE_COLUMNS} FROM terms t JOIN nodes n ON n.n = t.n "
+            "WHERE t.kind = ? AND t.key >= ? AND t.key < ?"  # the letters followed by a digit ("9" < ":")
+        )
+        args: list[Any] = [ABBREVIATION, key + "0", key + ":"]
+        if types is not None:
+            wanted = sorted(set(types))
+            if not wanted:
+                return []
+            sql += f" AND n.type IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        rows = self._db().execute(sql + " ORDER BY n.n LIMIT ?", [*args, limit])
+        return [
+            (matched, _node(row))
+            for matched, *row in rows
+            if (code := series_code(matched)) is not None and code[0] == letters.upper()
         ]
 
     # ------------------------------------------------------------------ sizes

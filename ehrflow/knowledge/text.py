@@ -57,6 +57,35 @@ def abbreviations_in(text: str) -> list[str]:
     return [m.strip() for m in _PARENTHESISED.findall(text) if is_abbreviation(m.strip())]
 
 
+_ABBREVIATION_CODE = re.compile(r"^([A-Za-z]+)-?(\d[0-9A-Za-z]*)$")
+_DIGITS = re.compile(r"\d+")
+
+
+def series_code(text: str) -> tuple[str, str] | None:
+    """An abbreviation of a numbered series split into (letters, code): "DFNB63" -> ("DFNB", "63"),
+    "CMT2B1" -> ("CMT", "2b1"). ``None`` for anything else."""
+    text = text.strip()
+    match = _ABBREVIATION_CODE.match(text) if is_abbreviation(text) else None
+    return (match.group(1).upper(), match.group(2).lower()) if match else None
+
+
+def number_tokens(text: str) -> frozenset[str]:
+    """The subtype numbers a mention or label names: "63" in "deafness 63" or "DFNB63", "1a" in "type 1A".
+
+    Dense embeddings barely see these ("deafness 61" and "deafness 63" embed almost alike), so grounding
+    checks them lexically.
+    """
+    code = series_code(text)
+    if code is not None:
+        return frozenset({code[1]})
+    return frozenset(t for t in normalize(text).split() if any(c.isdigit() for c in t))
+
+
+def digit_runs(tokens: frozenset[str]) -> frozenset[str]:
+    """The bare numbers inside number tokens ("2b1" -> "2", "1"), for a looser agreement test."""
+    return frozenset(run for token in tokens for run in _DIGITS.findall(token))
+
+
 _XREF_PREFIXES = {
     "UMLS_CUI": "UMLS",
     "UMLSCUI": "UMLS",
