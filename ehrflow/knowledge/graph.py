@@ -85,6 +85,16 @@ def _split(cell: str) -> tuple[str, ...]:
     return tuple(cell.split(SEPARATOR)) if cell else ()
 
 
+def _type_filter(types: Iterable[str] | None) -> tuple[str, list[str]] | None:
+    """SQL (and its arguments) restricting the joined ``nodes n`` to ``types``; None when no type is wanted."""
+    if types is None:
+        return "", []
+    wanted = sorted(set(types))
+    if not wanted:
+        return None
+    return f" AND n.type IN ({','.join('?' * len(wanted))})", wanted
+
+
 def _node(row: tuple) -> Node:
     _, node_id, node_type, name, definition, synonyms, xrefs, source = row
     return Node(
@@ -341,12 +351,11 @@ class KnowledgeGraph:
             return []
         sql = f"SELECT t.kind, t.matched, t.key, {_NODE_COLUMNS} FROM terms t JOIN nodes n ON n.n = t.n WHERE t.key IN (?, ?)"
         args: list[str] = [exact, normal]
-        if types is not None:
-            wanted = sorted(set(types))
-            if not wanted:
-                return []
-            sql += f" AND n.type IN ({','.join('?' * len(wanted))})"
-            args += wanted
+        type_filter = _type_filter(types)
+        if type_filter is None:
+            return []
+        sql += type_filter[0]
+        args += type_filter[1]
         query_is_abbreviation = is_abbreviation(text)
         best: dict[int, tuple[int, str, tuple]] = {}
         for kind, matched, key, *row in self._db().execute(sql, args):
@@ -378,12 +387,11 @@ class KnowledgeGraph:
             "WHERE t.kind = ? AND t.key >= ? AND t.key < ?"  # the letters followed by a digit ("9" < ":")
         )
         args: list[Any] = [ABBREVIATION, key + "0", key + ":"]
-        if types is not None:
-            wanted = sorted(set(types))
-            if not wanted:
-                return []
-            sql += f" AND n.type IN ({','.join('?' * len(wanted))})"
-            args += wanted
+        type_filter = _type_filter(types)
+        if type_filter is None:
+            return []
+        sql += type_filter[0]
+        args += type_filter[1]
         rows = self._db().execute(sql + " ORDER BY n.n LIMIT ?", [*args, limit])
         return [
             (matched, _node(row))
