@@ -148,7 +148,9 @@ def evaluate(index: EntityIndex, held_out: list[dict[str, str]], mode: str) -> d
                     ranked_at_t = [m.node.id for m in unfiltered if m.score >= t]
                     for k in KS:
                         counts[k] += item["node_id"] in ranked_at_t[:k]
-            matches = [m for m in unfiltered if m.kind != "dense" or m.score >= index.threshold]
+            # dense mode ran without a threshold (for the sweep); the other modes applied it inside ground(),
+            # to the cosine similarity (hybrid's returned scores are re-scored, so must not be filtered again)
+            matches = [m for m in unfiltered if m.score >= index.threshold] if mode == "dense" else unfiltered
             ranked = [m.node.id for m in matches]
             unmatched += not ranked
             if ranked:
