@@ -3,10 +3,10 @@
 Lexical matches are precise but miss paraphrases ("high potassium" vs "Hyperkalemia"); dense matches catch those
 but can drift, and barely see numbers ("deafness 61" and "deafness 63", "type 1" and "type 2" embed almost alike).
 Hybrid grounding takes the lexical hits first (score 1.0), then the dense hits above a similarity threshold,
-re-scored by whether each candidate node's labels carry the subtype numbers the mention names. An abbreviation of a numbered series ("USH3") also brings in the node its siblings' names point to
-("USH1" is "Usher syndrome type 1", so "Usher syndrome type 3"). The dense side lives in a persistent Chroma
-collection with one vector per node label (name or synonym), built once per (KG fingerprint, embedder, scope) and
-reused across runs.
+re-scored by whether each candidate node's labels carry the subtype numbers the mention names. An abbreviation
+of a numbered series ("USH3") also brings in the node its siblings' names point to ("USH1" is "Usher syndrome
+type 1", so "Usher syndrome type 3"). The dense side lives in a persistent Chroma collection with one vector per
+node label (name or synonym), built once per (KG fingerprint, embedder, scope) and reused across runs.
 
 Cost of the dense scope: the default embedder encodes roughly 50-300 short labels/s on 2 CPU cores (depending on
 load), so embedding every label of every KG node (~190k nodes, most of them ICD codes and rare-disease labels)
@@ -314,7 +314,7 @@ class EntityIndex:
 
         Lexical matches (score 1.0) come before dense ones at equal score; dense hits whose cosine similarity is
         below ``threshold`` are dropped. Dense mode scores by cosine; hybrid mode re-scores the dense hits (see
-        the module docstring), so its dense scores blend cosine and lexical agreement. All mentions are embedded
+        the module docstring), so its dense scores blend cosine and number agreement. All mentions are embedded
         in one batch. Blank mentions get no match.
         """
         if isinstance(texts, str):
