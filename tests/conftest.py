@@ -27,6 +27,45 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def physionet_stays(shared_data):
+    """``physionet_stays(n)``: the first ``n`` PhysioNet 2012 set-a stays, freshly parsed (callers may mutate them)."""
+    import itertools
+
+    from ehrflow.records.errors import ErrorSink
+    from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
+
+    def first(n: int) -> list:
+        stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
+        stays = list(itertools.islice(stream, n))
+        stream.close()
+        return stays
+
+    return first
+
+
+@pytest.fixture(scope="session")
+def tiny_fusion_config():
+    """``tiny_fusion_config(root, **fields)``: a one-step mortality model config (Ray Train local mode), enough
+    to exercise checkpoint loading and prediction."""
+    from ehrflow.training.fusion import FusionTrainConfig
+
+    def build(root: Path, **fields) -> FusionTrainConfig:
+        return FusionTrainConfig.model_validate(
+            {
+                "tasks": ["mortality"],
+                "split": {"fractions": [0.6, 0.2, 0.2], "seed": 1},
+                "model": {"hidden": 8, "heads": 2},
+                "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
+                "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "tiny"},
+                "n_bootstrap": 0,
+                **fields,
+            }
+        )
+
+    return build
+
+
 @pytest.fixture
 def store(tmp_path):
     from ehrflow.records import PatientStore

@@ -36,42 +36,20 @@ def deploy(settings, cfg):
     wait_ready(f"http://127.0.0.1:{PORT}", timeout_s=300)
 
 
-def tiny_mortality_checkpoint(stays, root):
-    """A fusion model trained for one step (Ray Train local mode): enough to exercise the Predictor."""
-    from ehrflow.training.fusion import FusionTrainConfig, train_fusion
-
-    config = FusionTrainConfig.model_validate(
-        {
-            "tasks": ["mortality"],
-            "split": {"fractions": [0.6, 0.2, 0.2], "seed": 1},
-            "model": {"hidden": 8, "heads": 2},
-            "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
-            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "tiny"},
-            "n_bootstrap": 0,
-        }
-    )
-    return train_fusion(config, stays).checkpoint
-
-
-def test_serve_end_to_end(ray_session, tmp_path, shared_data):
-    import itertools
-
+def test_serve_end_to_end(ray_session, tmp_path, physionet_stays, tiny_fusion_config):
     from ray import serve
 
     from ehrflow.config import get_settings
     from ehrflow.demo import demo_data_dir
-    from ehrflow.records.errors import ErrorSink
-    from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
     from ehrflow.serve.auth import create_api_key
     from ehrflow.serve.settings import ServeSettings
+    from ehrflow.training.fusion import train_fusion
 
-    stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
-    stays = list(itertools.islice(stream, 60))
-    stream.close()
+    stays = physionet_stays(60)
     settings = get_settings(
         home=tmp_path / "home",
         grounding={"mode": "lexical"},
-        models={"fusion_checkpoint": tiny_mortality_checkpoint(stays, tmp_path)},
+        models={"fusion_checkpoint": train_fusion(tiny_fusion_config(tmp_path), stays).checkpoint},
     )
     settings.home.mkdir()
     # the embedder and the trained model run in their own deployments, called by the Workflow replica

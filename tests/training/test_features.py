@@ -1,11 +1,8 @@
 import datetime as dt
-import itertools
 
 import numpy as np
 import pytest
 
-from ehrflow.records.errors import ErrorSink
-from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
 from ehrflow.records.model import RELATIVE_EPOCH, Admission, Code, Measurement, Note, Outcomes, Patient
 from ehrflow.training.features import (
     CachedTextEncoder,
@@ -151,12 +148,8 @@ def test_text_embeddings_are_cached_and_notes_after_the_window_left_out(tmp_path
 
 
 @pytest.fixture(scope="module")
-def physionet_subset(shared_data):
-    loader = PhysioNet2012Loader()
-    stream = loader.load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
-    patients = list(itertools.islice(stream, 120))
-    stream.close()
-    return patients
+def physionet_subset(physionet_stays):
+    return physionet_stays(120)
 
 
 def test_real_physionet_stays_featurise(physionet_subset, tmp_path):

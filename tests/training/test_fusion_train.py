@@ -1,7 +1,6 @@
 """End-to-end fusion training through Ray Train on a PhysioNet 2012 subset (few steps, CPU)."""
 
 import hashlib
-import itertools
 import json
 
 import numpy as np
@@ -9,8 +8,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ehrflow.records.errors import ErrorSink
-from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
 from ehrflow.records.model import Note
 from ehrflow.training.fusion import (
     FusionTrainConfig,
@@ -23,11 +20,8 @@ from ehrflow.training.ray_utils import checkpoint_dirs, load_state
 
 
 @pytest.fixture(scope="module")
-def physionet_subset(shared_data):
-    stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
-    patients = list(itertools.islice(stream, 160))
-    stream.close()
-    return patients
+def physionet_subset(physionet_stays):
+    return physionet_stays(160)
 
 
 def _config(tmp_path, name: str, **overrides) -> FusionTrainConfig:

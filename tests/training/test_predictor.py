@@ -1,7 +1,6 @@
 """FusionPredictor on a tiny checkpoint trained in Ray Train local mode on real PhysioNet 2012 stays."""
 
 import hashlib
-import itertools
 import shutil
 
 import numpy as np
@@ -9,10 +8,8 @@ import pytest
 import torch
 
 from ehrflow.agents.types import HealthSummary, Statement
-from ehrflow.records.errors import ErrorSink
-from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
 from ehrflow.training.features import FeatureSet
-from ehrflow.training.fusion import FusionTrainConfig, load_fusion_model, predict, to_tensors, train_fusion
+from ehrflow.training.fusion import load_fusion_model, predict, to_tensors, train_fusion
 from ehrflow.training.predictor import FusionPredictor, PredictionUnavailable
 
 
@@ -31,24 +28,12 @@ def _summary(text: str) -> HealthSummary:
 
 
 @pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory):
+def trained(physionet_stays, tiny_fusion_config, tmp_path_factory):
     torch.set_num_threads(1)
-    stream = PhysioNet2012Loader().load(shared_data / "ehr" / "physionet2012" / "set-a.tar.gz", ErrorSink())
-    patients = list(itertools.islice(stream, 80))
-    stream.close()
+    patients = physionet_stays(80)
     summaries = {p.id: _summary(f"patient summary {i}") for i, p in enumerate(patients[::2])}
     root = tmp_path_factory.mktemp("predictor")
-    config = FusionTrainConfig.model_validate(
-        {
-            "modalities": ["timeseries", "static", "stats", "summary"],
-            "tasks": ["mortality"],
-            "split": {"fractions": [0.6, 0.2, 0.2], "seed": 1},
-            "model": {"hidden": 8, "heads": 2},
-            "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
-            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "tiny"},
-            "n_bootstrap": 0,
-        }
-    )
+    config = tiny_fusion_config(root, modalities=["timeseries", "static", "stats", "summary"])
     texts = {pid: s.text for pid, s in summaries.items()}
     result = train_fusion(config, patients, summaries=texts, text_encoder=HashEncoder())
     return result, patients, summaries
