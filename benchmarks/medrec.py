@@ -5,8 +5,9 @@ with the GAMENet/SafeDrug drug mapping (``../shared/data/medrec``), split by pat
 1/6, every model is trained through ``train_medrec`` (Ray Train local mode, one process) and the
 best-validation-Jaccard checkpoint is scored with 10 bootstrap rounds of 80% of the test patients.
 The "previous visit's drugs" rule is scored on the same rounds. These cohorts are tiny (100
-patients each, of which 13-48 have two usable visits): the test sets hold 2-8 patients, so the
-numbers mostly say that the pipeline runs, not which model is better.
+patients each, of which 13-48 have two usable visits): the test sets hold 2-8 patients, so one
+split says little. Each seed in ``--seeds`` draws its own split (seed 0 is the protocol's) and
+``over_seeds`` averages every model's test Jaccard over those splits.
 
 Throughput: a synthetic cohort (default 50k visits, MIMIC-III benchmark-like code counts) trained
 for a bounded number of steps on 1 and 2 Ray workers; reported are measured seconds, patients per
@@ -14,7 +15,7 @@ second and the full epoch time that rate implies (``projected``).
 
 PyHealth: only compared where it installs without a CUDA torch; the result records why not.
 
-    .venv/bin/python benchmarks/medrec.py [--epochs 25] [--scale-visits 50000] [--scale-steps 60]
+    .venv/bin/python benchmarks/medrec.py [--epochs 25] [--seeds 0,1,2,3,4] [--scale-visits 50000] [--scale-steps 60]
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ def _summary(metrics: dict[str, Any]) -> dict[str, str]:
     return {k: f"{v.mean:.4f} +- {v.sd:.4f}" for k, v in metrics.items()}
 
 
-def _config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Path, **extra: Any) -> MedRecConfig:
+def _config(
+    dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Path, name: str | None = None, **extra: Any
+) -> MedRecConfig:
     medrec = SHARED / "medrec"
+    name = name or f"{dataset_dir.name}-{model}"
     return MedRecConfig.model_validate(
         {
             "dataset_dir": str(dataset_dir),
@@ -92,8 +96,8 @@ def _config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Pa
             "epochs": args.epochs,
             "batch_size": 4,
             "lr": 1e-3,
-            "ray": {"num_workers": 0, "storage_path": str(scratch / "runs"), "name": f"{dataset_dir.name}-{model}"},
-            "output_dir": str(scratch / "out" / f"{dataset_dir.name}-{model}"),
+            "ray": {"num_workers": 0, "storage_path": str(scratch / "runs"), "name": name},
+            "output_dir": str(scratch / "out" / name),
             "evaluate_baselines": True,
             **extra,
         }
@@ -127,28 +131,48 @@ def quality(
             "models": {},
         }
     )
-    for model in MODELS:
-        t0 = time.perf_counter()
-        result = train_medrec(_config(dataset_dir, model, args, scratch))
-        out["split"] = result.n_patients
-        out["models"][model] = {
-            "test": _summary(result.test),
-            "test_jaccard_mean": result.test["jaccard"].mean,
-            "best_epoch": result.best_epoch,
-            "seconds_per_epoch": round(float(np.mean(result.seconds_per_epoch)), 3),
-            "wall_seconds": round(time.perf_counter() - t0, 1),
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed: dict[str, dict[str, Any]] = out.setdefault("seeds", {})
+    for seed in seeds:
+        runs = per_seed.setdefault(str(seed), {"models": {}})
+        for model in MODELS:
+            t0 = time.perf_counter()
+            name = f"{cohort}-{model}-seed{seed}"
+            result = train_medrec(_config(dataset_dir, model, args, scratch, seed=seed, name=name))
+            runs["split"] = result.n_patients
+            runs["models"][model] = {
+                "test": _summary(result.test),
+                "test_jaccard_mean": result.test["jaccard"].mean,
+                "val_jaccard": round(result.validation["jaccard"], 4),
+                "best_epoch": result.best_epoch,
+                "seconds_per_epoch": round(float(np.mean(result.seconds_per_epoch)), 3),
+                "wall_seconds": round(time.perf_counter() - t0, 1),
+            }
+            runs["models"]["previous_visit_rule"] = {
+                "test": _summary(result.test_baselines["previous_visit"]),
+                "test_jaccard_mean": result.test_baselines["previous_visit"]["jaccard"].mean,
+            }
+            if model == "nlammr":
+                reps = np.load(scratch / "out" / name / "data" / "representations.npz")
+                out["drugs_without_smiles"] = int((~reps["med_has_mol"]).sum())
+            logging.info("%s seed %d %s: %s", cohort, seed, model, runs["models"][model]["test"])
+            out["over_seeds"] = _over_seeds(per_seed)
+            save()
+
+
+def _over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each model's test Jaccard (the mean of its bootstrap rounds) averaged over the seeds' splits."""
+    names = {m for runs in per_seed.values() for m in runs["models"]}
+    table = {}
+    for name in sorted(names):
+        values = [runs["models"][name]["test_jaccard_mean"] for runs in per_seed.values() if name in runs["models"]]
+        table[name] = {
+            "splits": len(values),
+            "jaccard_mean": float(np.mean(values)),
+            "jaccard_sd": float(np.std(values)),
         }
-        out["models"]["previous_visit_rule"] = {
-            "test": _summary(result.test_baselines["previous_visit"]),
-            "test_jaccard_mean": result.test_baselines["previous_visit"]["jaccard"].mean,
-        }
-        if model == "nlammr":
-            reps = np.load(scratch / "out" / f"{cohort}-nlammr" / "data" / "representations.npz")
-            out["drugs_without_smiles"] = int((~reps["med_has_mol"]).sum())
-        logging.info("%s %s: %s", cohort, model, out["models"][model]["test"])
-        ranked = sorted(out["models"].items(), key=lambda kv: -kv[1]["test_jaccard_mean"])
-        out["ranking_by_test_jaccard"] = [name for name, _ in ranked]
-        save()
+    ranking = sorted(table, key=lambda m: -table[m]["jaccard_mean"])
+    return {"models": table, "ranking_by_test_jaccard": ranking}
 
 
 def synthetic_cohort(n_visits: int, seed: int = 0) -> MedRecDataset:
@@ -228,6 +252,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--cohorts", default="mimic4_demo,mimic3_demo,synthea")
+    parser.add_argument(
+        "--seeds", default="0,1,2,3,4", help="one patient split (and initialisation) per seed; seed 0 is the protocol's"
+    )
     parser.add_argument("--text-encoder", choices=("default", "hashed"), default="default")
     parser.add_argument("--scale-visits", type=int, default=50_000)
     parser.add_argument("--scale-steps", type=int, default=60)
@@ -240,7 +267,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     payload: dict[str, Any] = {
-        "protocol": "patient split 2/3 train, 1/6 val, 1/6 test (seed 0); best val Jaccard; 10 x 80% bootstrap",
+        "protocol": "patient split 2/3 train, 1/6 val, 1/6 test (one split per seed); best val Jaccard; 10 x 80% bootstrap",
         "note": "demo cohorts are tiny (100 patients each; test sets of 2-8 patients): not a model ranking",
         "settings": vars(args),
         "pyhealth": "installed" if importlib.util.find_spec("pyhealth") else f"not installed: {PYHEALTH_DRY_RUN}",

@@ -7,11 +7,15 @@ which is the GAMENet/SafeDrug/NLA-MMR setting.
 
 - ``NLAMMR``: NLA-MMR-style alignment of a patient vector (frozen code-title embeddings plus
   learned code embeddings, a GRU over visits, attention over earlier visits' drugs) with drug
-  vectors (drug text plus molecule projections) by a dot product.
+  vectors (drug text plus molecule projections) by a dot product, plus a learned per-drug
+  repeat term for drugs given at earlier visits.
 - ``GAMENet`` (Shang et al., AAAI 2019): GRU patient encoders, graph-augmented drug memory
   (EHR co-occurrence GCN minus a learnt share of the DDI GCN) and dynamic memory over visits.
 - ``MultiHotLinear`` / ``MultiHotMLP``: logistic-regression and MLP multi-label baselines on the
   current visit's codes.
+
+ehrflow's own models (not GAMENet, kept as published) take ``bias_init``: each drug's training
+log-odds, so that few-step training on small cohorts starts from the base rates.
 """
 
 from __future__ import annotations
@@ -81,14 +85,19 @@ def history_attention(query: Tensor, keys: Tensor, visit_mask: Tensor) -> tuple[
     return weights * allowed, has_history
 
 
+def _initial_bias(n_meds: int, bias_init: Tensor | None) -> Tensor:
+    """Zeros, or a copy of the given per-drug start (e.g. each drug's training log-odds)."""
+    return torch.zeros(n_meds) if bias_init is None else bias_init.float().clone()
+
+
 class MultiHotLinear(nn.Module):
     """Logistic regression on the multi-hot of the current visit's diagnoses and procedures."""
 
-    def __init__(self, n_diag: int, n_proc: int, n_meds: int) -> None:
+    def __init__(self, n_diag: int, n_proc: int, n_meds: int, bias_init: Tensor | None = None) -> None:
         super().__init__()
         self.diag = nn.Embedding(n_diag, n_meds, padding_idx=0)
         self.proc = nn.Embedding(n_proc, n_meds, padding_idx=0)
-        self.bias = nn.Parameter(torch.zeros(n_meds))
+        self.bias = nn.Parameter(_initial_bias(n_meds, bias_init))
 
     def forward(self, batch: MedRecBatch) -> Tensor:
         return _bag(self.diag, batch.diag) + _bag(self.proc, batch.proc) + self.bias
@@ -97,12 +106,22 @@ class MultiHotLinear(nn.Module):
 class MultiHotMLP(nn.Module):
     """One-hidden-layer MLP on the same input as ``MultiHotLinear``."""
 
-    def __init__(self, n_diag: int, n_proc: int, n_meds: int, hidden: int = 128, dropout: float = 0.3) -> None:
+    def __init__(
+        self,
+        n_diag: int,
+        n_proc: int,
+        n_meds: int,
+        hidden: int = 128,
+        dropout: float = 0.3,
+        bias_init: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.diag = nn.Embedding(n_diag, hidden, padding_idx=0)
         self.proc = nn.Embedding(n_proc, hidden, padding_idx=0)
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.out = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_meds))
+        if bias_init is not None:
+            self.out[-1].bias.data = _initial_bias(n_meds, bias_init)
 
     def forward(self, batch: MedRecBatch) -> Tensor:
         return self.out(_bag(self.diag, batch.diag) + _bag(self.proc, batch.proc) + self.bias)
@@ -173,6 +192,13 @@ class NLAMMR(nn.Module):
     learned code embeddings, for diagnoses and procedures, through a GRU; then attention over
     earlier visits mixes in the vectors of the drugs given then. Drug side: projected drug text
     plus projected molecule fingerprint (zero for drugs without SMILES) plus a learned id vector.
+
+    A per-drug repeat weight adds ``repeat[m] * share of earlier visits (attention-weighted) that
+    had drug m`` to the logits: averaging earlier drugs into one vector loses which drugs they
+    were, and chronic medication repeats from visit to visit. It starts at ``repeat_init`` (3
+    logits); ``bias_init`` is meant to be each drug's log-odds in the training visits
+    (``ehrflow.training.medrec.drug_log_odds``). Both were chosen over zero starts and over a
+    per-drug repeat estimate by mean validation Jaccard on the demo cohorts, five splits each.
     """
 
     def __init__(
@@ -184,6 +210,8 @@ class NLAMMR(nn.Module):
         med_has_mol: Tensor,
         dim: int = 128,
         dropout: float = 0.3,
+        bias_init: Tensor | None = None,
+        repeat_init: float = 3.0,
     ) -> None:
         super().__init__()
         n_diag, n_proc, n_meds = diag_text.shape[0], proc_text.shape[0], med_text.shape[0]
@@ -201,7 +229,8 @@ class NLAMMR(nn.Module):
         self.mol_proj = nn.Sequential(nn.Linear(med_mol.shape[1], dim), nn.ReLU(), nn.Linear(dim, dim))
         self.med_id = nn.Parameter(torch.zeros(n_meds, dim))
         self.merge = nn.Linear(2 * dim, dim)
-        self.bias = nn.Parameter(torch.zeros(n_meds))
+        self.bias = nn.Parameter(_initial_bias(n_meds, bias_init))
+        self.repeat = nn.Parameter(torch.full((n_meds,), repeat_init))
         self.scale = 1.0 / math.sqrt(dim)
 
     def drug_vectors(self) -> Tensor:
@@ -217,7 +246,7 @@ class NLAMMR(nn.Module):
         earlier_drugs = weights @ batch.meds  # attention-weighted drug multi-hots of earlier visits
         history = earlier_drugs @ drugs / earlier_drugs.sum(-1, keepdim=True).clamp(min=1e-6)
         patient = self.merge(torch.cat([patient, history], -1))
-        return (patient @ drugs.T) * self.scale + self.bias
+        return (patient @ drugs.T) * self.scale + self.bias + self.repeat * earlier_drugs
 
 
 # ------------------------------------------------------------------------------------------- loss

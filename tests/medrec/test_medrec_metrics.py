@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ehrflow.models.medrec import NLAMMR, GAMENet, MultiHotLinear, collate, ddi_rate_of, medrec_loss
-from ehrflow.training.medrec import bootstrap_rounds, cohort_metrics, ddi_rate, visit_metrics
+from ehrflow.training.medrec import bootstrap_rounds, cohort_metrics, ddi_rate, drug_log_odds, visit_metrics
 
 
 def test_visit_metrics_by_hand():
@@ -101,3 +101,36 @@ def test_a_visit_never_sees_its_own_drugs(name):
     assert torch.allclose(a[0, :2], b[0, :2])  # visits 0 and 1 do not see their own / later drugs
     if name != "logreg":
         assert not torch.allclose(a[0, 2], b[0, 2])  # visit 2 does see visit 1's drugs
+
+
+def test_drug_log_odds_counts_visits_with_laplace_smoothing():
+    from ehrflow.training.medrec_data import OOV, PAD, MedRecDataset
+
+    visits = [[([2], [2], [0, 1]), ([2], [], [0])], [([3], [2], [0, 0])], [([3], [], [2])]]
+    dataset = MedRecDataset(["a", "b", "c"], visits, [PAD, OOV, "d1", "d2"], [PAD, OOV, "p1"], ["m0", "m1", "m2"])
+    odds = drug_log_odds(dataset, [0, 1])  # patient c (the only one with m2) is not in the training set
+    # 3 training visits: m0 in all 3 (a repeated id counts once), m1 in 1, m2 in none; (k + 1) / (3 + 2)
+    expected = [math.log(p / (1 - p)) for p in (4 / 5, 2 / 5, 1 / 5)]
+    assert np.allclose(odds, expected)
+
+
+def test_nlammr_repeat_term_favours_drugs_given_at_earlier_visits():
+    """At initialisation a drug given at the previous visit scores ``repeat_init`` logits above the same visit without it."""
+    torch.manual_seed(0)
+    n_meds = 6
+    model = NLAMMR(
+        torch.randn(5, 16),
+        torch.randn(4, 16),
+        torch.randn(n_meds, 16),
+        torch.rand(n_meds, 32),
+        torch.ones(n_meds, dtype=torch.bool),
+        dim=8,
+        bias_init=torch.full((n_meds,), -2.0),
+    ).eval()
+    with torch.no_grad():
+        model.med_id.zero_()
+        model.merge.weight.zero_()  # isolate the repeat term from the (random) history vector
+        model.merge.bias.zero_()
+    before = [([2], [2], [3]), ([3], [2], [1])]
+    logits = model(collate([before], n_meds))[0, 1]
+    assert torch.allclose(logits, torch.full((n_meds,), -2.0) + 3.0 * torch.eye(n_meds)[3])
