@@ -185,13 +185,55 @@ class GAMENet(nn.Module):
         return self.output(torch.cat([query, fact1, fact2], -1))
 
 
+class MoleculeGIN(nn.Module):
+    """GIN (Xu et al., ICLR 2019) over every member molecule of every drug class: sum readout per
+    molecule, mean over a class's molecules (as SafeDrug averages members). Classes without a
+    molecule get zeros. The graphs are buffers: the whole set is encoded in each forward pass."""
+
+    def __init__(
+        self,
+        atoms: Tensor,
+        edges: Tensor,
+        atom_molecule: Tensor,
+        molecule_drug: Tensor,
+        n_drugs: int,
+        dim: int,
+        layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("atoms", atoms.float())
+        self.register_buffer("edges", edges.long())
+        self.register_buffer("atom_molecule", atom_molecule.long())
+        self.register_buffer("molecule_drug", molecule_drug.long())
+        counts = torch.bincount(molecule_drug.long(), minlength=n_drugs).clamp(min=1)
+        self.register_buffer("molecules_per_drug", counts.float().unsqueeze(-1))
+        self.n_molecules = int(molecule_drug.numel())
+        self.n_drugs = n_drugs
+        self.embed = nn.Linear(atoms.shape[1], dim)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) for _ in range(layers)
+        )
+        self.eps = nn.Parameter(torch.zeros(layers))
+
+    def forward(self) -> Tensor:
+        h = self.embed(self.atoms)
+        source, target = self.edges
+        for eps, mlp in zip(self.eps, self.mlps, strict=True):
+            neighbours = torch.zeros_like(h).index_add_(0, target, h[source])
+            h = F.relu(mlp((1 + eps) * h + neighbours))
+        molecules = h.new_zeros(self.n_molecules, h.shape[1]).index_add_(0, self.atom_molecule, h)
+        drugs = h.new_zeros(self.n_drugs, h.shape[1]).index_add_(0, self.molecule_drug, molecules)
+        return drugs / self.molecules_per_drug
+
+
 class NLAMMR(nn.Module):
     """Patient and drug vectors in one space, scored by a dot product (NLA-MMR-style alignment).
 
     Patient side: per visit, the mean of frozen code-title text embeddings (projected) plus
     learned code embeddings, for diagnoses and procedures, through a GRU; then attention over
     earlier visits mixes in the vectors of the drugs given then. Drug side: projected drug text
-    plus projected molecule fingerprint (zero for drugs without SMILES) plus a learned id vector.
+    plus projected molecule fingerprint, or a ``MoleculeGIN`` over the class's molecule graphs
+    (zero for drugs without SMILES), plus a learned id vector.
 
     A per-drug repeat weight adds ``repeat[m] * share of earlier visits (attention-weighted) that
     had drug m`` to the logits: averaging earlier drugs into one vector loses which drugs they
@@ -212,6 +254,7 @@ class NLAMMR(nn.Module):
         dropout: float = 0.3,
         bias_init: Tensor | None = None,
         repeat_init: float = 3.0,
+        molecule_encoder: MoleculeGIN | None = None,
     ) -> None:
         super().__init__()
         n_diag, n_proc, n_meds = diag_text.shape[0], proc_text.shape[0], med_text.shape[0]
@@ -226,7 +269,12 @@ class NLAMMR(nn.Module):
         self.visit = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.gru = nn.GRU(dim, dim, batch_first=True)
         self.drug_text_proj = nn.Sequential(nn.Linear(med_text.shape[1], dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.mol_proj = nn.Sequential(nn.Linear(med_mol.shape[1], dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.molecule_encoder = molecule_encoder
+        self.mol_proj = (
+            nn.Sequential(nn.Linear(med_mol.shape[1], dim), nn.ReLU(), nn.Linear(dim, dim))
+            if molecule_encoder is None
+            else None
+        )
         self.med_id = nn.Parameter(torch.zeros(n_meds, dim))
         self.merge = nn.Linear(2 * dim, dim)
         self.bias = nn.Parameter(_initial_bias(n_meds, bias_init))
@@ -234,7 +282,8 @@ class NLAMMR(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
 
     def drug_vectors(self) -> Tensor:
-        return self.drug_text_proj(self.med_text) + self.med_has_mol * self.mol_proj(self.med_mol) + self.med_id
+        molecules = self.mol_proj(self.med_mol) if self.mol_proj is not None else self.molecule_encoder()
+        return self.drug_text_proj(self.med_text) + self.med_has_mol * molecules + self.med_id
 
     def forward(self, batch: MedRecBatch) -> Tensor:
         diag = self.text_proj(_bag(self.diag_text, batch.diag, mean=True)) + _bag(self.diag_id, batch.diag, mean=True)
@@ -306,6 +355,7 @@ __all__ = [
     "GAMENet",
     "MODEL_NAMES",
     "MedRecBatch",
+    "MoleculeGIN",
     "MultiHotLinear",
     "MultiHotMLP",
     "NLAMMR",

@@ -31,6 +31,7 @@ from ehrflow.models.medrec import (
     NLAMMR,
     GAMENet,
     MedRecBatch,
+    MoleculeGIN,
     MultiHotLinear,
     MultiHotMLP,
     collate,
@@ -259,6 +260,11 @@ def build_model(
         if reps is None:
             raise ValueError("the nlammr model needs text/molecule representations")
         t = torch.as_tensor
+        graphs = reps.graphs
+        encoder = None
+        if graphs is not None:
+            arrays = (graphs.atoms, graphs.edges, graphs.atom_molecule, graphs.molecule_drug)
+            encoder = MoleculeGIN(*(t(a) for a in arrays), n_drugs=n_meds, dim=dim)
         return NLAMMR(
             t(reps.diag_text),
             t(reps.proc_text),
@@ -268,6 +274,7 @@ def build_model(
             dim,
             dropout,
             bias_init=bias,
+            molecule_encoder=encoder,
         )
     raise ValueError(f"unknown med-rec model {name!r}")
 

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -34,6 +34,9 @@ from pydantic import BaseModel, Field
 from ehrflow.records.errors import RecordError
 from ehrflow.records.model import Admission, Code, MedicationOrder, Patient
 from ehrflow.records.store import CohortFilter, PatientStore
+
+if TYPE_CHECKING:
+    from ehrflow.knowledge.molecules import MoleculeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -512,11 +515,15 @@ class RepresentationConfig(BaseModel):
     cache_dir: Path | None = None
     smiles_path: Path | None = None
     """``atc3<TAB>smiles`` file (e.g. ``atc3_smiles.tsv``); drugs without SMILES get text only."""
-    molecule_method: Literal["morgan", "ngram"] | None = None
-    """``None``: Morgan fingerprints when RDKit is installed, hashed SMILES n-grams otherwise."""
+    molecule_method: Literal["morgan", "ngram", "gin"] | None = None
+    """``None``: Morgan fingerprints when RDKit is installed, hashed SMILES n-grams otherwise;
+    ``gin``: molecule graphs encoded by a GIN trained with the model (needs RDKit)."""
     molecule_bits: int = Field(1024, ge=16)
     use_kg: bool = True
     """Look ICD titles and drug names/classes up in the default knowledge graph when it is installed."""
+
+
+_GRAPH_ARRAYS = ("atoms", "edges", "atom_molecule", "molecule_drug")
 
 
 @dataclass
@@ -528,9 +535,14 @@ class Representations:
     med_has_mol: np.ndarray
     molecule_method: str
     drugs_without_smiles: list[str]
+    graphs: MoleculeGraphs | None = None
+    """The drug classes' molecule graphs when ``molecule_method`` is ``gin`` (``med_mol`` is then unused)."""
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        graphs = {}
+        if self.graphs is not None:
+            graphs = {f"graph_{f}": getattr(self.graphs, f) for f in _GRAPH_ARRAYS}
         np.savez(
             path,
             diag_text=self.diag_text,
@@ -540,11 +552,14 @@ class Representations:
             med_has_mol=self.med_has_mol,
             molecule_method=np.array(self.molecule_method),
             drugs_without_smiles=np.array(self.drugs_without_smiles, dtype=str),
+            **graphs,
         )
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Representations:
+        from ehrflow.knowledge.molecules import MoleculeGraphs
+
         with np.load(path, allow_pickle=False) as z:
             return cls(
                 z["diag_text"],
@@ -554,6 +569,9 @@ class Representations:
                 z["med_has_mol"],
                 str(z["molecule_method"]),
                 [str(x) for x in z["drugs_without_smiles"]],
+                MoleculeGraphs(*(z[f"graph_{f}"] for f in _GRAPH_ARRAYS), n_drugs=len(z["med_text"]))
+                if "graph_atoms" in z.files
+                else None,
             )
 
 
@@ -620,7 +638,7 @@ def drug_text(med: str, names: list[str], kg) -> str:  # noqa: ANN001
 
 def build_representations(dataset: MedRecDataset, config: RepresentationConfig) -> Representations:
     """Patient-side code texts, drug texts and molecule fingerprints, aligned with the vocabularies."""
-    from ehrflow.knowledge.molecules import MoleculeFeaturizer, read_atc3_smiles
+    from ehrflow.knowledge.molecules import MoleculeFeaturizer, molecule_graphs, read_atc3_smiles
 
     kg = _default_kg() if config.use_kg else None
     if config.text_encoder == "hashed":
@@ -639,21 +657,27 @@ def build_representations(dataset: MedRecDataset, config: RepresentationConfig) 
     med_text = encode([drug_text(m, dataset.drug_names.get(m, []), kg) for m in dataset.med_vocab])
     diag_text[0] = proc_text[0] = 0.0  # padding carries nothing
 
-    featurizer = MoleculeFeaturizer(n_bits=config.molecule_bits, method=config.molecule_method)
     smiles = read_atc3_smiles(config.smiles_path) if config.smiles_path is not None else {}
-    med_mol = np.zeros((len(dataset.med_vocab), config.molecule_bits), dtype=np.float32)
-    has_mol = np.zeros(len(dataset.med_vocab), dtype=bool)
-    missing: list[str] = []
-    for i, med in enumerate(dataset.med_vocab):
-        fp = featurizer.featurize_group(smiles.get(med, []))
-        if fp is None:
-            missing.append(med)
-        else:
-            med_mol[i], has_mol[i] = fp, True
+    graphs = None
+    if config.molecule_method == "gin":
+        graphs = molecule_graphs([smiles.get(med, []) for med in dataset.med_vocab])
+        med_mol = np.zeros((len(dataset.med_vocab), 1), dtype=np.float32)
+        has_mol = graphs.has_molecule()
+        method = "gin"
+    else:
+        featurizer = MoleculeFeaturizer(n_bits=config.molecule_bits, method=config.molecule_method)
+        med_mol = np.zeros((len(dataset.med_vocab), config.molecule_bits), dtype=np.float32)
+        has_mol = np.zeros(len(dataset.med_vocab), dtype=bool)
+        for i, med in enumerate(dataset.med_vocab):
+            fp = featurizer.featurize_group(smiles.get(med, []))
+            if fp is not None:
+                med_mol[i], has_mol[i] = fp, True
+        method = featurizer.method
+    missing = [med for med, has in zip(dataset.med_vocab, has_mol, strict=True) if not has]
     if missing:
         log.info("medrec: %d of %d drugs have no SMILES and use text only", len(missing), len(dataset.med_vocab))
     dataset.report.drugs_without_smiles = missing
-    return Representations(diag_text, proc_text, med_text, med_mol, has_mol, featurizer.method, missing)
+    return Representations(diag_text, proc_text, med_text, med_mol, has_mol, method, missing, graphs)
 
 
 # --------------------------------------------------------------------------- split

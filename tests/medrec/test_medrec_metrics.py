@@ -134,3 +134,24 @@ def test_nlammr_repeat_term_favours_drugs_given_at_earlier_visits():
     before = [([2], [2], [3]), ([3], [2], [1])]
     logits = model(collate([before], n_meds))[0, 1]
     assert torch.allclose(logits, torch.full((n_meds,), -2.0) + 3.0 * torch.eye(n_meds)[3])
+
+
+def test_molecule_graphs_and_gin_encode_each_drug_class():
+    pytest.importorskip("rdkit")
+    from ehrflow.knowledge.molecules import ATOM_FEATURES, molecule_graphs
+    from ehrflow.models.medrec import MoleculeGIN
+
+    aspirin, ethanol = "CC(=O)Oc1ccccc1C(=O)O", "CCO"
+    graphs = molecule_graphs([[aspirin, ethanol], [], ["not a smiles"], [ethanol]])
+    assert graphs.atoms.shape == (13 + 3 + 3, ATOM_FEATURES)
+    assert graphs.edges.shape == (2, 2 * (13 + 2 + 2))  # each bond in both directions
+    assert graphs.molecule_drug.tolist() == [0, 0, 3]
+    assert graphs.has_molecule().tolist() == [True, False, False, True]
+    t = torch.as_tensor
+    gin = MoleculeGIN(t(graphs.atoms), t(graphs.edges), t(graphs.atom_molecule), t(graphs.molecule_drug), 4, dim=8)
+    out = gin()
+    assert out.shape == (4, 8)
+    assert torch.all(out[1] == 0) and torch.all(out[2] == 0)  # classes without a parsed molecule
+    assert not torch.allclose(out[0], out[3])  # aspirin + ethanol vs ethanol alone
+    out.sum().backward()
+    assert gin.embed.weight.grad is not None and gin.embed.weight.grad.abs().sum() > 0

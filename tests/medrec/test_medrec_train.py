@@ -82,6 +82,18 @@ def test_two_workers_gamenet(ray_session, mimic4_dataset_dir, shared_data, tmp_p
     assert result.test["avg_drugs"].mean > 0
 
 
+def test_nlammr_with_gin_molecule_encoder(ray_session, mimic4_dataset_dir, shared_data, tmp_path):
+    pytest.importorskip("rdkit")
+    config = _config(tmp_path, mimic4_dataset_dir, shared_data, "gin", epochs=1, evaluate_baselines=False)
+    config.representations.molecule_method = "gin"
+    config.ray.num_workers = 0
+    result = train_medrec(config)
+    reps = np.load(config.output_dir / "data" / "representations.npz")
+    assert str(reps["molecule_method"]) == "gin" and reps["graph_atoms"].shape[0] > 100
+    assert result.test["avg_drugs"].mean > 0
+    assert evaluate_medrec(result.checkpoint, rounds=2)["test"]["jaccard"].mean >= 0  # reloads the GIN weights
+
+
 def test_config_needs_exactly_one_source(tmp_path):
     with pytest.raises(ValidationError, match="exactly one"):
         MedRecConfig()
