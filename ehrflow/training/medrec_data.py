@@ -207,6 +207,10 @@ class DatasetReport:
     diag_oov: int = 0
     proc_oov: int = 0
     med_dropped_outside_top_k: int = 0
+    note_mentions: int = 0
+    """Conditions found in admission notes and added as ``NOTE:`` codes (``symptoms_from_notes``)."""
+    note_mentions_skipped: int = 0
+    """Mentions left out because they were negated or about a relative."""
     drugs_without_smiles: list[str] = field(default_factory=list)
 
 
@@ -298,6 +302,10 @@ class MedRecDataConfig(BaseModel):
     """Patients with fewer visits are left out (the benchmark keeps patients with >= 2 admissions)."""
     cohort: str = ""
     """A ``CohortFilter`` expression, e.g. ``source=mimic4``."""
+    symptoms_from_notes: bool = False
+    """Add the symptoms, phenotypes and diseases the extraction agent finds in each admission's notes
+    (lexical KG matching with negation and family context; no LLM) as extra ``NOTE:<KG node id>`` codes in
+    the diagnosis channel, titled by the node name. Needs the knowledge graph."""
 
 
 def _code_key(code: Code) -> str:
@@ -313,12 +321,29 @@ def _top_k_vocab(counts: Counter[str], k: int) -> list[str]:
     return [PAD, OOV, *(w for w, _ in ranked)]
 
 
+def _note_conditions(kg):  # noqa: ANN001, ANN202 - the KG type is optional at import time
+    """The extraction agent's lexical pass, restricted to conditions (symptoms, phenotypes, diseases)."""
+    from ehrflow.agents.extraction import ExtractionAgent, ExtractionConfig
+
+    if kg is None:
+        kg = _default_kg()
+    if kg is None:
+        raise ValueError("symptoms_from_notes needs the knowledge graph (ehrflow kg build), and none is installed")
+    return kg, ExtractionAgent(kg, config=ExtractionConfig(mode="lexical", node_types=("disease", "effect/phenotype")))
+
+
 def build_dataset(
-    patients: Iterable[Patient], config: MedRecDataConfig, mapper: DrugMapper | None = None
+    patients: Iterable[Patient],
+    config: MedRecDataConfig,
+    mapper: DrugMapper | None = None,
+    kg=None,  # noqa: ANN001
 ) -> MedRecDataset:
     """Turn patient records into the benchmark's visit structure; counts every drop in ``report``."""
     if mapper is None and config.mapping_dir is not None:
         mapper = DrugMapper.from_dir(config.mapping_dir)
+    extractor = None
+    if config.symptoms_from_notes:
+        kg, extractor = _note_conditions(kg)
     report = DatasetReport()
     routes: Counter[str] = Counter()
     titles: dict[str, str] = {}
@@ -356,6 +381,16 @@ def build_dataset(
             if not diags or not meds:  # the benchmark joins diagnoses, procedures and drugs per admission
                 report.visits_without_codes_or_drugs += 1
                 continue
+            if extractor is not None and adm.notes:
+                for entity in extractor(adm.notes):
+                    if entity.negated or entity.family or entity.candidate_node_id is None:
+                        report.note_mentions_skipped += 1
+                        continue
+                    key = f"NOTE:{entity.candidate_node_id}"
+                    if key not in diags:
+                        diags.append(key)
+                        report.note_mentions += 1
+                        titles.setdefault(key, kg.get(entity.candidate_node_id).name)
             visits.append((diags, procs, meds))
         if len(visits) < config.min_visits:
             report.patients_below_min_visits += 1

@@ -10,7 +10,7 @@ from ehrflow.records.errors import ErrorSink, RecordError
 from ehrflow.records.ingest import ingest_path
 from ehrflow.records.loaders.mimic import Mimic3Loader
 from ehrflow.records.loaders.synthea_csv import SyntheaCsvLoader
-from ehrflow.records.model import Admission, Code, MedicationOrder, Patient
+from ehrflow.records.model import Admission, Code, MedicationOrder, Note, Patient
 from ehrflow.training.medrec_data import (
     OOV,
     PAD,
@@ -151,6 +151,32 @@ def test_visits_follow_admission_time_and_unmapped_drugs_are_named(medrec_dir):
     assert first_visit_diag == "ICD9CM:25000"  # admitted on day 2, stored second
     assert dropped.report.orders_dropped_unmapped == 1 and dropped.med_vocab == [mapper.atc3(known)[0]]
     assert "NAME:mystery drug" in named.med_vocab and named.report.orders_by_route["name"] == 1
+
+
+def test_symptoms_from_notes_become_note_codes_without_negated_or_family_mentions():
+    from ehrflow.knowledge.graph import KnowledgeGraph
+
+    kg = KnowledgeGraph.default()
+    text = "The patient reports chest pain and a cough. She denies fever. Mother had breast cancer."
+    visits = []
+    for day in (1, 5):
+        adm = Admission(
+            id=f"a{day}",
+            admit_time=dt.datetime(2020, 1, day, tzinfo=dt.UTC),
+            diagnoses=[Code(system="ICD9CM", code="4019")],
+            medications=[MedicationOrder(name="Aspirin 81 mg tablet")],
+            notes=[Note(id=f"n{day}", text=text)],
+        )
+        visits.append(adm)
+    patient = Patient(id="p1", source="test", admissions=visits)
+    config = MedRecDataConfig(unmapped_drugs="rxnorm-or-name", symptoms_from_notes=True)
+    ds = build_dataset([patient], config, kg=kg)
+    added = {ds.code_titles[k].lower() for k in ds.diag_vocab if k.startswith("NOTE:")}
+    assert any("chest pain" in t for t in added) and any("cough" in t for t in added)
+    assert not any("fever" in t or "breast" in t for t in added)  # negated; about a relative
+    assert ds.report.note_mentions == 2 * len(added) and ds.report.note_mentions_skipped >= 4
+    plain = build_dataset([patient], MedRecDataConfig(unmapped_drugs="rxnorm-or-name"))
+    assert not any(k.startswith("NOTE:") for k in plain.diag_vocab) and plain.report.note_mentions == 0
 
 
 def test_ndc_normalisation():
