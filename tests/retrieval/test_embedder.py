@@ -52,3 +52,12 @@ def test_onnx_backend_reproduces_torch_vectors(tmp_path):
     assert onnx.name == DEFAULT_MODEL_NAME and onnx_vectors.dtype == np.float32
     np.testing.assert_allclose(np.sum(torch_vectors * onnx_vectors, axis=1), 1.0, atol=1e-4)
     assert len(list(tmp_path.rglob("model.onnx"))) == 1
+
+    int8 = SentenceTransformerEmbedder(backend="onnx-int8", onnx_cache=tmp_path)
+    int8_vectors = int8.encode(texts, batch_size=2)
+    assert int8.name == f"{DEFAULT_MODEL_NAME}-int8"  # a different vector space: indexes must not mix them
+    assert len(list(tmp_path.rglob("model.int8.onnx"))) == 1 and len(list(tmp_path.rglob("model.onnx"))) == 1
+    cosine = np.sum(torch_vectors * int8_vectors, axis=1)
+    assert np.all(cosine > 0.8) and not np.allclose(cosine, 1.0, atol=1e-4)  # close to torch, not identical
+    similarities = int8_vectors @ int8_vectors.T
+    assert similarities[0, 1] > similarities[0, 2]  # hyperkalemia is nearer the potassium sentence than CHF
