@@ -227,7 +227,11 @@ def _quantise_onnx(source: Path) -> Path:
 
     partial = target.with_suffix(".partial")
     log.info("quantising %s to int8 at %s (once)", source, target)
-    quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+    logging.disable(logging.INFO)  # the quantiser logs one root-logger line per tensor
+    try:
+        quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     partial.replace(target)
     return target
 
