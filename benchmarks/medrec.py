@@ -1,4 +1,5 @@
-"""Medication recommendation on the open EHR demos: NLA-MMR vs GAMENet vs LR/MLP, plus a throughput run.
+"""Medication recommendation on the open EHR demos: NLA-MMR (Morgan or GIN molecules) vs GAMENet vs LR/MLP, plus
+a throughput run.
 
 Quality: for each open cohort (MIMIC-IV demo, MIMIC-III demo, Synthea CSV) the dataset is built
 with the GAMENet/SafeDrug drug mapping (``../shared/data/medrec``), split by patient 2/3, 1/6,
@@ -48,7 +49,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-MODELS = ("nlammr", "gamenet", "mlp", "logreg")
+MODELS = {  # benchmark name -> (model, molecule encoder)
+    "nlammr": ("nlammr", None),
+    "nlammr_gin": ("nlammr", "gin"),
+    "gamenet": ("gamenet", None),
+    "mlp": ("mlp", None),
+    "logreg": ("logreg", None),
+}
 MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
 PYHEALTH_DRY_RUN = (
     "pip install --dry-run pyhealth resolves pyhealth 1.1.6 with torch 2.14.1 + nvidia CUDA 13 wheels and "
@@ -128,17 +135,20 @@ def quality(
                 "med": len(dataset.med_vocab),
             },
             "dataset_report": {k: v for k, v in asdict(dataset.report).items() if k != "drugs_without_smiles"},
-            "models": {},
         }
     )
     seeds = [int(x) for x in args.seeds.split(",")]
     per_seed: dict[str, dict[str, Any]] = out.setdefault("seeds", {})
     for seed in seeds:
         runs = per_seed.setdefault(str(seed), {"models": {}})
-        for model in MODELS:
+        for model in args.models.split(","):
             t0 = time.perf_counter()
             name = f"{cohort}-{model}-seed{seed}"
-            result = train_medrec(_config(dataset_dir, model, args, scratch, seed=seed, name=name))
+            architecture, molecules = MODELS[model]
+            config = _config(dataset_dir, architecture, args, scratch, seed=seed, name=name)
+            if molecules is not None:
+                config.representations.molecule_method = molecules
+            result = train_medrec(config)
             runs["split"] = result.n_patients
             runs["models"][model] = {
                 "test": _summary(result.test),
@@ -252,6 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--cohorts", default="mimic4_demo,mimic3_demo,synthea")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)}")
     parser.add_argument(
         "--seeds", default="0,1,2,3,4", help="one patient split (and initialisation) per seed; seed 0 is the protocol's"
     )
