@@ -115,7 +115,8 @@ def test_drug_log_odds_counts_visits_with_laplace_smoothing():
 
 
 def test_nlammr_repeat_term_favours_drugs_given_at_earlier_visits():
-    """At initialisation a drug given at the previous visit scores ``repeat_init`` logits above the same visit without it."""
+    """At initialisation a drug given at the previous visit scores ``repeat_init + last_visit_init`` logits more,
+    one given only at an older visit ``repeat_init`` times its attention share."""
     torch.manual_seed(0)
     n_meds = 6
     model = NLAMMR(
@@ -133,7 +134,10 @@ def test_nlammr_repeat_term_favours_drugs_given_at_earlier_visits():
         model.merge.bias.zero_()
     before = [([2], [2], [3]), ([3], [2], [1])]
     logits = model(collate([before], n_meds))[0, 1]
-    assert torch.allclose(logits, torch.full((n_meds,), -2.0) + 3.0 * torch.eye(n_meds)[3])
+    assert torch.allclose(logits, torch.full((n_meds,), -2.0) + 6.0 * torch.eye(n_meds)[3])
+    older = [([2], [2], [3]), ([3], [2], [1]), ([4], [3], [0])]
+    logits = model(collate([older], n_meds))[0, 2]
+    assert logits[1] > logits[3] > logits[2]  # last visit's drug > older visit's drug > never given
 
 
 def test_molecule_graphs_and_gin_encode_each_drug_class():
