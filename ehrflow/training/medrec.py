@@ -246,16 +246,16 @@ def build_model(
     name: str, dataset: MedRecDataset, reps: Representations | None, train_idx: Sequence[int], dim: int, dropout: float
 ) -> torch.nn.Module:
     n_diag, n_proc, n_meds = len(dataset.diag_vocab), len(dataset.proc_vocab), len(dataset.med_vocab)
-    bias = torch.as_tensor(drug_log_odds(dataset, train_idx))
-    if name == "logreg":
-        return MultiHotLinear(n_diag, n_proc, n_meds, bias_init=bias)
-    if name == "mlp":
-        return MultiHotMLP(n_diag, n_proc, n_meds, hidden=dim, dropout=dropout, bias_init=bias)
     if name == "gamenet":
         ddi = torch.as_tensor(dataset.ddi) if dataset.ddi is not None else None
         return GAMENet(
             n_diag, n_proc, n_meds, torch.as_tensor(ehr_cooccurrence(dataset, train_idx)), ddi, dim=dim, dropout=dropout
         )
+    bias = torch.as_tensor(drug_log_odds(dataset, train_idx))  # ehrflow's own models; GAMENet keeps its own start
+    if name == "logreg":
+        return MultiHotLinear(n_diag, n_proc, n_meds, bias_init=bias)
+    if name == "mlp":
+        return MultiHotMLP(n_diag, n_proc, n_meds, hidden=dim, dropout=dropout, bias_init=bias)
     if name == "nlammr":
         if reps is None:
             raise ValueError("the nlammr model needs text/molecule representations")
