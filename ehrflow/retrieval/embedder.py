@@ -58,7 +58,26 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str]:
             f"embedding model {str(model)!r}: not a local sentence-transformers directory (no modules.json); "
             "ehrflow runs offline, so give a path, not a hub name"
         )
-    return path.resolve(), path.resolve().name
+    return path.resolve(), f"{path.resolve().name}-{_weights_digest(path.resolve())}"
+
+
+def _weights_digest(root: Path) -> str:
+    """Short hash of a model directory's weight files: retraining into the same directory must change the name,
+    or an index built with the old weights would be taken as current."""
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files), str(root))
+
+
+@cache
+def _hash_files(files: tuple[tuple[str, int, int], ...], root: str) -> str:
+    """Content hash, cached per (path, size, mtime): each embedder built in a process does not re-read the weights."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).relative_to(root).as_posix().encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 class SentenceTransformerEmbedder:

@@ -108,6 +108,31 @@ class IndexNotBuilt(RuntimeError):
     """Dense grounding was asked of an empty collection."""
 
 
+def scope_labels(
+    kg: KnowledgeGraph, node_types: Iterable[str], id_prefixes: Iterable[str] | None
+) -> dict[str, tuple[str, dict[str, str]]]:
+    """Vector id -> (label text, metadata) for every name and synonym of the nodes in a dense scope.
+
+    Case/space duplicates within a node are dropped; the metadata names the node, its type and the label kind.
+    """
+    prefixes = tuple(id_prefixes) if id_prefixes is not None else None
+    wanted: dict[str, tuple[str, dict[str, str]]] = {}
+    for node in kg.nodes(tuple(node_types)):
+        if prefixes is not None and not node.id.startswith(prefixes):
+            continue
+        seen: set[str] = set()
+        labels = [("name", node.name)]
+        labels += [("abbreviation" if is_abbreviation(s) else "synonym", s) for s in node.synonyms]
+        for kind, text in labels:
+            key = casefold_key(text)
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            vector_id = hashlib.sha1(f"{node.id}\x1f{key}".encode()).hexdigest()[:24]
+            wanted[vector_id] = (text.strip(), {"node_id": node.id, "type": node.type, "kind": kind})
+    return wanted
+
+
 class EntityIndex:
     """Grounds mentions to KG nodes; the dense side is a Chroma collection of label vectors."""
 
@@ -203,21 +228,7 @@ class EntityIndex:
 
     def labels(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Vector id -> (label text, metadata) for every label in the dense scope; case/space duplicates dropped."""
-        wanted: dict[str, tuple[str, dict[str, str]]] = {}
-        for node in self.kg.nodes(self.node_types):
-            if not self._in_dense_scope(node.id):
-                continue
-            seen: set[str] = set()
-            labels = [("name", node.name)]
-            labels += [("abbreviation" if is_abbreviation(s) else "synonym", s) for s in node.synonyms]
-            for kind, text in labels:
-                key = casefold_key(text)
-                if not key or key in seen:
-                    continue
-                seen.add(key)
-                vector_id = hashlib.sha1(f"{node.id}\x1f{key}".encode()).hexdigest()[:24]
-                wanted[vector_id] = (text.strip(), {"node_id": node.id, "type": node.type, "kind": kind})
-        return wanted
+        return scope_labels(self.kg, self.node_types, self.id_prefixes)
 
     # ------------------------------------------------------------------ build
 

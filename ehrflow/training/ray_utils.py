@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -75,6 +76,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def log_progress_in_worker() -> None:
+    """Lets a Ray Train worker's ``ehrflow`` INFO lines (step progress) reach the driver's console.
+
+    A worker process starts with Python's default WARNING level; only ehrflow's own logger is raised, once."""
+    logger = logging.getLogger("ehrflow")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def world_rank() -> int:

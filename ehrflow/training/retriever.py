@@ -42,6 +42,7 @@ from ehrflow.training.ray_utils import (
     RayTrainConfig,
     latest_checkpoint,
     load_state,
+    log_progress_in_worker,
     report_epoch,
     run_config,
     scaling_config,
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 PairSource = Literal["name", "synonym", "parent", "llm"]
 PAIRS_FILE = "pairs.jsonl"
 REPORT_FILE = "ehrflow_retriever.json"
+PROGRESS_EVERY = 50
+"""Steps between progress lines (an epoch over a KG's synonyms is minutes on a CPU)."""
 MAX_QUERY_CHARS = 80
 """Longer KG labels are descriptions rather than how anyone searches."""
 
@@ -318,11 +321,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from sentence_transformers import SentenceTransformer
 
-    config = RetrieverTrainConfig.model_validate_json(loop_config["config"])
-    optim = config.train
+    optim = RetrieverOptim.model_validate_json(loop_config["train"])
+    ray_config = RayTrainConfig.model_validate_json(loop_config["ray"])
     rank, size = world_rank(), world_size()
+    if rank == 0 and ray_config.num_workers > 0:  # local mode runs in the caller's process: its logging stands
+        log_progress_in_worker()
     seed_everything(optim.seed)
-    torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(ray_config.cpus_per_worker)))
     device = ray.train.torch.get_device()
     pairs = [json.loads(line) for line in Path(loop_config["pairs"]).read_text().splitlines()]
     base = SentenceTransformer(loop_config["base_model"], device=str(device), local_files_only=True)
@@ -367,6 +372,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             schedule.step()
             losses.append(float(loss.detach()))
             step += 1
+            if rank == 0 and step % PROGRESS_EVERY == 0:
+                log.info("bi-encoder step %d/%d: loss %.3f", step, total_steps, sum(losses[-50:]) / len(losses[-50:]))
         metrics = {
             "train/loss": float(sum(losses) / max(1, len(losses))),
             "train/steps": float(step),
@@ -376,16 +383,89 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             metrics,
             epoch=epoch,
             state={"model": core.state_dict()},
-            meta={"checkpoints_to_keep": config.ray.checkpoints_to_keep, "steps": step, **loop_config["meta"]},
-            run_dir=config.ray.run_dir,
-            local_mode=config.ray.num_workers == 0,
+            meta={"checkpoints_to_keep": ray_config.checkpoints_to_keep, "steps": step, **loop_config["meta"]},
+            run_dir=ray_config.run_dir,
+            local_mode=ray_config.num_workers == 0,
         )
 
 
-def _base_model_path(config: RetrieverTrainConfig) -> Path:
+class BiEncoderFit(BaseModel):
+    """What ``fit_bi_encoder`` leaves behind: the exported model, the run and its loss curve."""
+
+    model_dir: Path
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    train_loss: list[float]
+    """Mean loss per epoch."""
+
+
+def check_outputs(output_dir: Path, ray: RayTrainConfig, overwrite: bool) -> None:
+    """Refuses to overwrite a model or to start over a run that already has checkpoints (before any slow work)."""
+    if (Path(output_dir) / "modules.json").exists() and not overwrite:
+        raise FileExistsError(f"{output_dir}: a model is already there; set overwrite or choose another output_dir")
+    if latest_checkpoint(ray.run_dir) is not None:
+        raise FileExistsError(f"{ray.run_dir}: the run already has checkpoints; choose a new ray.name")
+
+
+def fit_bi_encoder(
+    pairs: list[TrainingPair],
+    *,
+    base_model: str | Path | None,
+    output_dir: Path,
+    train: RetrieverOptim,
+    ray: RayTrainConfig,
+    report: dict[str, Any],
+) -> BiEncoderFit:
+    """Fine-tunes a sentence-transformers bi-encoder on (query, text) pairs through Ray Train and exports it.
+
+    Items of a batch that share ``chunk_id`` or query are not negatives of each other (``in_batch_loss``). ``report``
+    is saved beside the weights (``ehrflow_retriever.json``) with the loss curve. Callers run ``check_outputs``
+    first, before their own slow work.
+    """
+    from ray.train.torch import TorchTrainer
+    from sentence_transformers import SentenceTransformer
+
     from ehrflow.retrieval.embedder import resolve_model
 
-    return resolve_model(config.base_model)[0]
+    if len(pairs) < 2:
+        raise ValueError(f"bi-encoder training needs at least 2 pairs, got {len(pairs)}")
+    base = resolve_model(base_model)[0]
+    run_dir = ray.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs_path = run_dir / PAIRS_FILE
+    pairs_path.write_text("".join(p.model_dump_json() + "\n" for p in pairs))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "train": train.model_dump_json(),
+            "ray": ray.model_dump_json(),
+            "pairs": str(pairs_path),
+            "base_model": str(base),
+            "meta": {"base_model": str(base), **report},
+        },
+        scaling_config=scaling_config(ray),
+        run_config=run_config(ray),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    state, saved = load_state(checkpoint)
+    model = SentenceTransformer(str(base), device="cpu", local_files_only=True)
+    model.load_state_dict(state["model"])
+    model.max_seq_length = max(model.max_seq_length or 0, train.max_seq_length)
+    model.save(str(output_dir))
+    losses = [float(m["train/loss"]) for m in _epoch_metrics(result)]
+    summary = {"base_model": str(base), **report, "steps": saved.get("steps"), "train_loss": losses}
+    (Path(output_dir) / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    return BiEncoderFit(
+        model_dir=Path(output_dir).resolve(),
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        steps=int(saved.get("steps", 0)),
+        train_loss=losses,
+    )
 
 
 def train_retriever(
@@ -400,17 +480,8 @@ def train_retriever(
     ``patients`` default to ``config.data``; ``kg`` to the KG shipped with ehrflow; ``llm`` to
     ``build_llm(config.pairs.llm)`` when ``config.pairs.llm_stage`` is on.
     """
-    from ray.train.torch import TorchTrainer
-    from sentence_transformers import SentenceTransformer
-
     started = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    if (output_dir / "modules.json").exists() and not config.overwrite:
-        raise FileExistsError(f"{output_dir}: a model is already there; set overwrite or choose another output_dir")
-    run_dir = config.ray.run_dir
-    if latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir}: the run already has checkpoints; choose a new ray.name")
-    base_model = _base_model_path(config)
+    check_outputs(config.output_dir, config.ray, config.overwrite)
     if kg is None:
         kg = KnowledgeGraph.default()
     if llm is None and config.pairs.llm_stage and config.pairs.llm_max_chunks:
@@ -430,42 +501,15 @@ def train_retriever(
     log.info("retriever pairs: %s from %d chunks", report.pairs_by_source, report.chunks)
     if len(pairs) < 2:
         raise ValueError(f"retriever training: only {len(pairs)} (entity, chunk) pairs from {len(chunks)} chunks")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pairs_path = run_dir / PAIRS_FILE
-    pairs_path.write_text("".join(p.model_dump_json() + "\n" for p in pairs))
-    meta = {"base_model": str(base_model), "pair_report": report.model_dump()}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={
-            "config": config.model_dump_json(),
-            "pairs": str(pairs_path),
-            "base_model": str(base_model),
-            "meta": meta,
-        },
-        scaling_config=scaling_config(config.ray),
-        run_config=run_config(config.ray),
+    fit = fit_bi_encoder(
+        pairs,
+        base_model=config.base_model,
+        output_dir=config.output_dir,
+        train=config.train,
+        ray=config.ray,
+        report={"pair_report": report.model_dump()},
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
-    checkpoint = Path(result.checkpoint.path)
-    state, saved = load_state(checkpoint)
-    model = SentenceTransformer(str(base_model), device="cpu", local_files_only=True)
-    model.load_state_dict(state["model"])
-    model.max_seq_length = max(model.max_seq_length or 0, config.train.max_seq_length)
-    model.save(str(output_dir))
-    losses = [float(m["train/loss"]) for m in _epoch_metrics(result)]
-    summary = {"base_model": str(base_model), "pair_report": report.model_dump(), "steps": saved.get("steps")}
-    (output_dir / REPORT_FILE).write_text(json.dumps({**summary, "train_loss": losses}, indent=2))
-    return RetrieverResult(
-        model_dir=output_dir.resolve(),
-        run_dir=run_dir,
-        checkpoint=checkpoint,
-        pair_report=report,
-        steps=int(saved.get("steps", 0)),
-        train_loss=losses,
-        wall_seconds=time.perf_counter() - started,
-    )
+    return RetrieverResult(**fit.model_dump(), pair_report=report, wall_seconds=time.perf_counter() - started)
 
 
 def _epoch_metrics(result: Any) -> list[dict[str, Any]]:

@@ -34,6 +34,18 @@ def test_model_is_loaded_once_per_process():
     assert first._model() is second._model()
 
 
+def test_a_model_directory_is_named_by_its_weights(tmp_path):
+    """Retrained weights in the same directory get a new name, so indexes built with the old ones are rebuilt."""
+    model = tmp_path / "tuned"
+    model.mkdir()
+    (model / "modules.json").write_text("[]")
+    (model / "model.safetensors").write_bytes(b"first weights")
+    first = SentenceTransformerEmbedder(model).name
+    assert first.startswith("tuned-") and SentenceTransformerEmbedder(model).name == first
+    (model / "model.safetensors").write_bytes(b"retrained weights")
+    assert SentenceTransformerEmbedder(model).name not in (first, "tuned")
+
+
 def test_hub_names_and_bad_arguments_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="runs offline"):
         SentenceTransformerEmbedder("sentence-transformers/all-MiniLM-L6-v2")

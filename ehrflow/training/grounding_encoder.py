@@ -1,0 +1,115 @@
+"""A grounding encoder fine-tuned on the KG's own synonyms (SapBERT's idea, on the default MiniLM), through Ray Train.
+
+The general-purpose embedder places "Hyperkalemia" near "potassium" but not reliably near "high serum potassium", and
+it has never been told which of two near-identical labels belong to one concept. Every KG node already lists the
+ways its concept is written (name, synonyms, abbreviations), so those are free supervision: each pair is two labels of
+one node, and the other pairs of a batch are its negatives (``in_batch_loss``; items of the same node are masked).
+Training reads only the labels in the dense scope of the KG it is given, so a benchmark that deletes held-out synonyms
+from its KG never trains on them.
+
+Use the result as the grounding model: ``EHRFLOW_GROUNDING__MODEL=<output_dir>`` (the entity index is rebuilt, since
+the vectors change).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ehrflow.knowledge.graph import KnowledgeGraph
+from ehrflow.retrieval.entity_index import DEFAULT_ID_PREFIXES, DEFAULT_NODE_TYPES, scope_labels
+from ehrflow.training.ray_utils import RayTrainConfig
+from ehrflow.training.retriever import (
+    MAX_QUERY_CHARS,
+    BiEncoderFit,
+    RetrieverOptim,
+    TrainingPair,
+    check_outputs,
+    fit_bi_encoder,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GroundingEncoderConfig(BaseModel):
+    """Everything ``train_grounding_encoder`` needs (``ehrflow train grounding --config grounding.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: Path | None = None
+    """A local sentence-transformers directory; ``None``: ehrflow's default embedder (all-MiniLM-L6-v2)."""
+    output_dir: Path = Path(".ehrflow/models/grounding")
+    overwrite: bool = False
+    node_types: tuple[str, ...] = DEFAULT_NODE_TYPES
+    id_prefixes: tuple[str, ...] | None = DEFAULT_ID_PREFIXES
+    """The dense scope whose labels train the encoder; keep it equal to the grounding index's scope."""
+    max_pairs_per_node: int = Field(4, ge=1)
+    """Caps nodes with dozens of synonyms, so they do not dominate an epoch."""
+    train: RetrieverOptim = Field(
+        default_factory=lambda: RetrieverOptim(batch_size=128, lr=5e-5, max_seq_length=32, epochs=2, max_steps=250)
+    )
+    ray: RayTrainConfig = Field(default_factory=lambda: RayTrainConfig(name="grounding-encoder", checkpoints_to_keep=1))
+
+
+class GroundingEncoderResult(BiEncoderFit):
+    pairs: int
+    nodes: int
+    """Nodes in scope with at least two distinct labels (the ones that give pairs)."""
+    wall_seconds: float
+
+
+def synonym_pairs(
+    labels: dict[str, tuple[str, dict[str, str]]], max_pairs_per_node: int, seed: int = 0
+) -> list[TrainingPair]:
+    """Pairs of two labels of one node, from ``scope_labels`` output.
+
+    Each label other than the name is a query once (up to ``max_pairs_per_node`` per node); its target is the name
+    or, every other pair, another label of the node, so the encoder learns the whole cluster and not only a star
+    around the name. Labels longer than ``MAX_QUERY_CHARS`` are descriptions, not ways to write the concept.
+    """
+    rng = random.Random(seed)
+    by_node: dict[str, list[str]] = defaultdict(list)
+    for text, meta in labels.values():
+        if len(text) <= MAX_QUERY_CHARS:
+            by_node[meta["node_id"]].append(text)  # the name comes first: scope_labels lists it first
+    pairs: list[TrainingPair] = []
+    for node_id in sorted(by_node):
+        texts = by_node[node_id]
+        if len(texts) < 2:
+            continue
+        queries = rng.sample(texts[1:], min(len(texts) - 1, max_pairs_per_node))
+        for n, query in enumerate(queries):
+            target = texts[0] if n % 2 == 0 else rng.choice([t for t in texts if t != query])
+            pairs.append(TrainingPair(query=query, chunk_id=node_id, text=target, source="synonym", node_id=node_id))
+    return pairs
+
+
+def train_grounding_encoder(config: GroundingEncoderConfig, kg: KnowledgeGraph | None = None) -> GroundingEncoderResult:
+    """Fine-tunes the grounding encoder on ``kg``'s labels (default: the KG shipped with ehrflow) and exports it."""
+    started = time.perf_counter()
+    check_outputs(config.output_dir, config.ray, config.overwrite)
+    kg = kg if kg is not None else KnowledgeGraph.default()
+    pairs = synonym_pairs(
+        scope_labels(kg, config.node_types, config.id_prefixes), config.max_pairs_per_node, config.train.seed
+    )
+    nodes = len({p.node_id for p in pairs})
+    log.info("grounding encoder: %d synonym pairs from %d nodes", len(pairs), nodes)
+    fit = fit_bi_encoder(
+        pairs,
+        base_model=config.base_model,
+        output_dir=config.output_dir,
+        train=config.train,
+        ray=config.ray,
+        report={"kg_fingerprint": kg.fingerprint, "pairs": len(pairs), "nodes": nodes},
+    )
+    return GroundingEncoderResult(
+        **fit.model_dump(), pairs=len(pairs), nodes=nodes, wall_seconds=time.perf_counter() - started
+    )
+
+
+__all__ = ["GroundingEncoderConfig", "GroundingEncoderResult", "synonym_pairs", "train_grounding_encoder"]

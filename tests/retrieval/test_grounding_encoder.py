@@ -1,0 +1,78 @@
+"""Grounding encoder: synonym pairs from the KG's dense scope, a few Ray Train steps, the export used for grounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ehrflow.knowledge import KnowledgeGraph
+from ehrflow.knowledge.build import index_openkg
+from ehrflow.knowledge.text import casefold_key
+from ehrflow.retrieval import EntityIndex, SentenceTransformerEmbedder, chroma_client
+from ehrflow.retrieval.entity_index import DEFAULT_ID_PREFIXES, DEFAULT_NODE_TYPES, scope_labels
+from ehrflow.training.grounding_encoder import GroundingEncoderConfig, synonym_pairs, train_grounding_encoder
+from ehrflow.training.ray_utils import RayTrainConfig
+from ehrflow.training.retriever import MAX_QUERY_CHARS, RetrieverOptim
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kg_tiny"
+
+
+@pytest.fixture(scope="module")
+def kg(tmp_path_factory) -> KnowledgeGraph:
+    return KnowledgeGraph(index_openkg(FIXTURE, tmp_path_factory.mktemp("kg") / "tiny.sqlite"))
+
+
+def test_synonym_pairs_join_labels_of_one_node_within_the_scope(kg):
+    labels = scope_labels(kg, DEFAULT_NODE_TYPES, DEFAULT_ID_PREFIXES)
+    node_labels: dict[str, set[str]] = {}
+    for text, meta in labels.values():
+        node_labels.setdefault(meta["node_id"], set()).add(text)
+    pairs = synonym_pairs(labels, max_pairs_per_node=2)
+
+    assert pairs, "the fixture's DOID/HPO/drug nodes have synonyms"
+    for pair in pairs:
+        assert pair.chunk_id == pair.node_id and pair.node_id.startswith(DEFAULT_ID_PREFIXES)
+        assert {pair.query, pair.text} <= node_labels[pair.node_id]
+        assert casefold_key(pair.query) != casefold_key(pair.text)
+        assert max(len(pair.query), len(pair.text)) <= MAX_QUERY_CHARS
+    per_node = {n: sum(p.node_id == n for p in pairs) for n in {p.node_id for p in pairs}}
+    assert max(per_node.values()) <= 2
+    # every node with two or more short labels gives pairs; ICD-10 codes (out of the dense scope) give none
+    expected = {n for n, texts in node_labels.items() if sum(len(t) <= MAX_QUERY_CHARS for t in texts) >= 2}
+    assert set(per_node) == expected
+    assert synonym_pairs(labels, max_pairs_per_node=2) == pairs  # seeded
+
+
+def test_train_grounding_encoder_pulls_synonyms_together_and_grounds(ray_session, kg, tmp_path, monkeypatch):
+    monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
+    config = GroundingEncoderConfig(
+        output_dir=tmp_path / "grounding-mini",
+        train=RetrieverOptim(epochs=3, batch_size=16, lr=1e-4, max_seq_length=32),
+        ray=RayTrainConfig(name="grounding-test", storage_path=tmp_path / "runs", num_workers=1),
+    )
+    result = train_grounding_encoder(config, kg=kg)
+
+    assert result.pairs > 16 and result.nodes > 8
+    assert len(result.train_loss) == 3 and all(np.isfinite(result.train_loss))
+    assert json.loads((result.model_dir / "ehrflow_retriever.json").read_text())["pairs"] == result.pairs
+
+    pairs = synonym_pairs(scope_labels(kg, config.node_types, config.id_prefixes), config.max_pairs_per_node)
+    queries, targets = [p.query for p in pairs], [p.text for p in pairs]
+
+    def pair_cosine(embedder: SentenceTransformerEmbedder) -> float:
+        q, t = embedder.encode(queries), embedder.encode(targets)
+        return float(np.mean(np.sum(q * t, axis=1) / (np.linalg.norm(q, axis=1) * np.linalg.norm(t, axis=1))))
+
+    tuned = SentenceTransformerEmbedder(result.model_dir)
+    assert pair_cosine(tuned) > pair_cosine(SentenceTransformerEmbedder()) + 0.02
+
+    index = EntityIndex(kg, tuned, chroma_client(tmp_path / "chroma"), collection="tuned")
+    index.build(progress=False)
+    query, node_id = pairs[0].query, pairs[0].node_id
+    assert index.ground([query], mode="dense", top_k=3, threshold=-1.0)[0][0].node.id == node_id
+
+    with pytest.raises(FileExistsError, match="already there"):
+        train_grounding_encoder(config.model_copy(update={"ray": config.ray.model_copy(update={"name": "again"})}), kg)
