@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ehrflow.knowledge.graph import KnowledgeGraph
 from ehrflow.retrieval.entity_index import DEFAULT_ID_PREFIXES, DEFAULT_NODE_TYPES, scope_labels
@@ -27,6 +27,7 @@ from ehrflow.training.ray_utils import RayTrainConfig
 from ehrflow.training.retriever import (
     MAX_QUERY_CHARS,
     BiEncoderFit,
+    BiEncoderTrainConfig,
     RetrieverOptim,
     TrainingPair,
     check_outputs,
@@ -36,15 +37,10 @@ from ehrflow.training.retriever import (
 log = logging.getLogger(__name__)
 
 
-class GroundingEncoderConfig(BaseModel):
+class GroundingEncoderConfig(BiEncoderTrainConfig):
     """Everything ``train_grounding_encoder`` needs (``ehrflow train grounding --config grounding.yaml``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: Path | None = None
-    """A local sentence-transformers directory; ``None``: ehrflow's default embedder (all-MiniLM-L6-v2)."""
     output_dir: Path = Path(".ehrflow/models/grounding")
-    overwrite: bool = False
     node_types: tuple[str, ...] = DEFAULT_NODE_TYPES
     id_prefixes: tuple[str, ...] | None = DEFAULT_ID_PREFIXES
     """The dense scope whose labels train the encoder; keep it equal to the grounding index's scope."""
@@ -92,21 +88,14 @@ def synonym_pairs(
 def train_grounding_encoder(config: GroundingEncoderConfig, kg: KnowledgeGraph | None = None) -> GroundingEncoderResult:
     """Fine-tunes the grounding encoder on ``kg``'s labels (default: the KG shipped with ehrflow) and exports it."""
     started = time.perf_counter()
-    check_outputs(config.output_dir, config.ray, config.overwrite)
+    check_outputs(config)
     kg = kg if kg is not None else KnowledgeGraph.default()
     pairs = synonym_pairs(
         scope_labels(kg, config.node_types, config.id_prefixes), config.max_pairs_per_node, config.train.seed
     )
     nodes = len({p.node_id for p in pairs})
     log.info("grounding encoder: %d synonym pairs from %d nodes", len(pairs), nodes)
-    fit = fit_bi_encoder(
-        pairs,
-        base_model=config.base_model,
-        output_dir=config.output_dir,
-        train=config.train,
-        ray=config.ray,
-        report={"kg_fingerprint": kg.fingerprint, "pairs": len(pairs), "nodes": nodes},
-    )
+    fit = fit_bi_encoder(pairs, config, {"kg_fingerprint": kg.fingerprint, "pairs": len(pairs), "nodes": nodes})
     return GroundingEncoderResult(
         **fit.model_dump(), pairs=len(pairs), nodes=nodes, wall_seconds=time.perf_counter() - started
     )

@@ -99,18 +99,25 @@ class RetrieverOptim(BaseModel):
     seed: int = 0
 
 
-class RetrieverTrainConfig(BaseModel):
-    """Everything ``train_retriever`` needs (``ehrflow train retriever --config retriever.yaml``)."""
+class BiEncoderTrainConfig(BaseModel):
+    """What every bi-encoder fine-tuning run has: the base model, where the export goes, the optimiser and Ray."""
 
     model_config = ConfigDict(extra="forbid")
 
     base_model: Path | None = None
     """A local sentence-transformers directory; ``None``: ehrflow's default embedder (all-MiniLM-L6-v2)."""
-    output_dir: Path = Path(".ehrflow/models/retriever")
+    output_dir: Path
     overwrite: bool = False
+    train: RetrieverOptim = Field(default_factory=RetrieverOptim)
+    ray: RayTrainConfig
+
+
+class RetrieverTrainConfig(BiEncoderTrainConfig):
+    """Everything ``train_retriever`` needs (``ehrflow train retriever --config retriever.yaml``)."""
+
+    output_dir: Path = Path(".ehrflow/models/retriever")
     data: RetrieverDataConfig = Field(default_factory=RetrieverDataConfig)
     pairs: PairOptions = Field(default_factory=PairOptions)
-    train: RetrieverOptim = Field(default_factory=RetrieverOptim)
     ray: RayTrainConfig = Field(default_factory=lambda: RayTrainConfig(name="retriever", checkpoints_to_keep=1))
 
     @classmethod
@@ -400,23 +407,17 @@ class BiEncoderFit(BaseModel):
     """Mean loss per epoch."""
 
 
-def check_outputs(output_dir: Path, ray: RayTrainConfig, overwrite: bool) -> None:
+def check_outputs(config: BiEncoderTrainConfig) -> None:
     """Refuses to overwrite a model or to start over a run that already has checkpoints (before any slow work)."""
-    if (Path(output_dir) / "modules.json").exists() and not overwrite:
-        raise FileExistsError(f"{output_dir}: a model is already there; set overwrite or choose another output_dir")
-    if latest_checkpoint(ray.run_dir) is not None:
-        raise FileExistsError(f"{ray.run_dir}: the run already has checkpoints; choose a new ray.name")
+    if (Path(config.output_dir) / "modules.json").exists() and not config.overwrite:
+        raise FileExistsError(
+            f"{config.output_dir}: a model is already there; set overwrite or choose another output_dir"
+        )
+    if latest_checkpoint(config.ray.run_dir) is not None:
+        raise FileExistsError(f"{config.ray.run_dir}: the run already has checkpoints; choose a new ray.name")
 
 
-def fit_bi_encoder(
-    pairs: list[TrainingPair],
-    *,
-    base_model: str | Path | None,
-    output_dir: Path,
-    train: RetrieverOptim,
-    ray: RayTrainConfig,
-    report: dict[str, Any],
-) -> BiEncoderFit:
+def fit_bi_encoder(pairs: list[TrainingPair], config: BiEncoderTrainConfig, report: dict[str, Any]) -> BiEncoderFit:
     """Fine-tunes a sentence-transformers bi-encoder on (query, text) pairs through Ray Train and exports it.
 
     Items of a batch that share ``chunk_id`` or query are not negatives of each other (``in_batch_loss``). ``report``
@@ -430,7 +431,8 @@ def fit_bi_encoder(
 
     if len(pairs) < 2:
         raise ValueError(f"bi-encoder training needs at least 2 pairs, got {len(pairs)}")
-    base = resolve_model(base_model)[0]
+    base = resolve_model(config.base_model)[0]
+    output_dir, train, ray = Path(config.output_dir), config.train, config.ray
     run_dir = ray.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     pairs_path = run_dir / PAIRS_FILE
@@ -458,9 +460,9 @@ def fit_bi_encoder(
     model.save(str(output_dir))
     losses = [float(m["train/loss"]) for m in _epoch_metrics(result)]
     summary = {"base_model": str(base), **report, "steps": saved.get("steps"), "train_loss": losses}
-    (Path(output_dir) / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    (output_dir / REPORT_FILE).write_text(json.dumps(summary, indent=2))
     return BiEncoderFit(
-        model_dir=Path(output_dir).resolve(),
+        model_dir=output_dir.resolve(),
         run_dir=run_dir,
         checkpoint=checkpoint,
         steps=int(saved.get("steps", 0)),
@@ -481,7 +483,7 @@ def train_retriever(
     ``build_llm(config.pairs.llm)`` when ``config.pairs.llm_stage`` is on.
     """
     started = time.perf_counter()
-    check_outputs(config.output_dir, config.ray, config.overwrite)
+    check_outputs(config)
     if kg is None:
         kg = KnowledgeGraph.default()
     if llm is None and config.pairs.llm_stage and config.pairs.llm_max_chunks:
@@ -501,14 +503,7 @@ def train_retriever(
     log.info("retriever pairs: %s from %d chunks", report.pairs_by_source, report.chunks)
     if len(pairs) < 2:
         raise ValueError(f"retriever training: only {len(pairs)} (entity, chunk) pairs from {len(chunks)} chunks")
-    fit = fit_bi_encoder(
-        pairs,
-        base_model=config.base_model,
-        output_dir=config.output_dir,
-        train=config.train,
-        ray=config.ray,
-        report={"pair_report": report.model_dump()},
-    )
+    fit = fit_bi_encoder(pairs, config, {"pair_report": report.model_dump()})
     return RetrieverResult(**fit.model_dump(), pair_report=report, wall_seconds=time.perf_counter() - started)
 
 
@@ -521,6 +516,8 @@ def _epoch_metrics(result: Any) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "BiEncoderFit",
+    "BiEncoderTrainConfig",
     "PairMiner",
     "PairOptions",
     "PairReport",
@@ -529,6 +526,8 @@ __all__ = [
     "RetrieverResult",
     "RetrieverTrainConfig",
     "TrainingPair",
+    "check_outputs",
+    "fit_bi_encoder",
     "in_batch_loss",
     "sample_chunks",
     "train_retriever",
