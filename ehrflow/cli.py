@@ -378,7 +378,7 @@ def train_grounding_cmd(settings: Settings, config_path: Path | None) -> None:
     """Fine-tune the entity-grounding encoder on the KG's own synonyms; see docs/knowledge.md.
 
     The KG and, unless the YAML sets them, the node types and id prefixes are the configured grounding's; without
-    --config the other defaults apply (about 12 minutes on 2 CPU cores)."""
+    --config the other defaults apply (about 16 minutes on 2 CPU cores)."""
     from ehrflow.knowledge import KnowledgeGraph
     from ehrflow.training.grounding_encoder import GroundingEncoderConfig, train_grounding_encoder
 
