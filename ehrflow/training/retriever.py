@@ -160,17 +160,6 @@ class PairReport(BaseModel):
         return sum(self.pairs_by_source.values())
 
 
-class RetrieverResult(BaseModel):
-    model_dir: Path
-    run_dir: Path
-    checkpoint: Path
-    pair_report: PairReport
-    steps: int
-    train_loss: list[float]
-    """Mean loss per epoch."""
-    wall_seconds: float
-
-
 class _ChunkEntities(BaseModel):
     """The LLM's answer per chunk: bounded, so a small model terminates."""
 
@@ -380,7 +369,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             losses.append(float(loss.detach()))
             step += 1
             if rank == 0 and step % PROGRESS_EVERY == 0:
-                log.info("bi-encoder step %d/%d: loss %.3f", step, total_steps, sum(losses[-50:]) / len(losses[-50:]))
+                recent = losses[-PROGRESS_EVERY:]
+                log.info("bi-encoder step %d/%d: loss %.3f", step, total_steps, sum(recent) / len(recent))
         metrics = {
             "train/loss": float(sum(losses) / max(1, len(losses))),
             "train/steps": float(step),
@@ -405,6 +395,11 @@ class BiEncoderFit(BaseModel):
     steps: int
     train_loss: list[float]
     """Mean loss per epoch."""
+
+
+class RetrieverResult(BiEncoderFit):
+    pair_report: PairReport
+    wall_seconds: float
 
 
 def check_outputs(config: BiEncoderTrainConfig) -> None:
