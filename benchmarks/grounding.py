@@ -16,7 +16,11 @@ Scope: the whole dense scope by default (~71k labels after the holdout; ~4 min t
 reused). ``--node-fraction 0.1`` indexes a random tenth instead for a quick check; fewer nodes means fewer
 distractors, so accuracy on a subset is optimistic (dense acc@1 0.66 on a tenth vs 0.44 on the whole scope).
 
-Run: ``.venv/bin/python benchmarks/grounding.py [--node-fraction 1.0] [--seed 13]``. The Chroma directory
+``--encoder-steps N`` also fine-tunes the grounding encoder (``ehrflow/training/grounding_encoder.py``) on the pruned
+benchmark KG through Ray Train, so the held-out synonyms are never among its pairs, and adds the modes
+``dense_tuned`` and ``hybrid_tuned`` on a second collection embedded with it.
+
+Run: ``.venv/bin/python benchmarks/grounding.py [--node-fraction 1.0] [--seed 13] [--encoder-steps 250]``. The Chroma directory
 ``/tmp/ehrflow-bench-grounding`` persists, with one collection per node fraction: a rerun, or another seed's
 holdout, re-embeds only the labels that differ.
 """
@@ -223,8 +227,8 @@ def tuned_embedder(kg: KnowledgeGraph, args: argparse.Namespace, tag: str) -> tu
     output_dir = args.work_dir / f"encoder-{tag}-{args.encoder_steps}"
     record = output_dir / "ehrflow_retriever.json"
     info: dict[str, Any] = {
-        "trained_on": "the benchmark KG's dense-scope labels (held-out synonyms removed), seed of the holdout",
-        "hyperparameters_chosen_on": "seed 7 holdout, not the reported seed",
+        "trained_on": "the benchmark KG's dense-scope labels, this seed's held-out synonyms removed",
+        "hyperparameters_chosen_on": "one trial of the same recipe (a plain-torch script) on the seed 7 holdout",
         "max_steps": args.encoder_steps,
         "batch_size": defaults.train.batch_size,
         "lr": defaults.train.lr,
