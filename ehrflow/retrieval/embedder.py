@@ -260,8 +260,7 @@ def _export_onnx(root: Path, cache_root: Path) -> Path:
     weights = next((root / n for n in ("model.safetensors", "pytorch_model.bin") if (root / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{root}: no model.safetensors or pytorch_model.bin to export to ONNX")
-    digest = hashlib.sha256(f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}:{root}".encode()).hexdigest()[:16]
-    target = cache_root / f"{root.name}-{digest}" / "model.onnx"
+    target = cache_root / f"{root.name}-{_weights_digest(root)}" / "model.onnx"  # the embedder name's weights hash
     if target.is_file():
         return target
     try:
