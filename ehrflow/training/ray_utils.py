@@ -102,6 +102,21 @@ def world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduces each gradient to its mean over the workers (after ``backward``, before the optimiser step).
+
+    For models run more than once per step, which DDP's reducer does not support. Every worker runs the same
+    graph, so a parameter without a gradient (an unused pooler) has none on every worker.
+    """
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= size
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (``prepare_model`` does not wrap it in local mode)."""
     return getattr(model, "module", model)

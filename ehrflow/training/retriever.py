@@ -40,6 +40,7 @@ from ehrflow.retrieval.expansion import HIERARCHY_RELATIONS, QueryExpander
 from ehrflow.retrieval.notes import patient_chunks
 from ehrflow.training.ray_utils import (
     RayTrainConfig,
+    average_gradients,
     latest_checkpoint,
     load_state,
     log_progress_in_worker,
@@ -47,7 +48,6 @@ from ehrflow.training.ray_utils import (
     run_config,
     scaling_config,
     seed_everything,
-    unwrap,
     world_rank,
     world_size,
 )
@@ -307,8 +307,8 @@ def in_batch_loss(
     return torch.nn.functional.cross_entropy(scores, torch.arange(n, device=scores.device))
 
 
-def _encode(model: torch.nn.Module, core: Any, texts: list[str], device: torch.device) -> torch.Tensor:
-    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in core.preprocess(texts).items()}
+def _encode(model: Any, texts: list[str], device: torch.device) -> torch.Tensor:
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.preprocess(texts).items()}
     return model(features)["sentence_embedding"]
 
 
@@ -328,8 +328,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     pairs = [json.loads(line) for line in Path(loop_config["pairs"]).read_text().splitlines()]
     base = SentenceTransformer(loop_config["base_model"], device=str(device), local_files_only=True)
     base.max_seq_length = optim.max_seq_length
-    model = ray.train.torch.prepare_model(base)
-    core = unwrap(model)
+    # Not DDP: the pooler gets no gradient, and a step runs the model twice (queries, then texts) before one backward.
+    # Plain DDP then fails on its second step; with static_graph a two-process check gave wrong gradients, and
+    # find_unused_parameters worked under Ray but failed in the same check. Averaging the gradients after backward
+    # matched the mean of each worker's own gradients exactly in that check.
+    model = ray.train.torch.prepare_model(base, parallel_strategy=None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr)
     steps_per_epoch = math.ceil(math.ceil(len(pairs) / size) / optim.batch_size)
     total_steps = optim.epochs * steps_per_epoch
@@ -355,14 +358,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 batch = [pairs[i] for i in order[: optim.batch_size]]
             queries = [p["query"] for p in batch]
             loss = in_batch_loss(
-                _encode(model, core, queries, device),
-                _encode(model, core, [p["text"] for p in batch], device),
+                _encode(model, queries, device),
+                _encode(model, [p["text"] for p in batch], device),
                 [p["chunk_id"] for p in batch],
                 queries,
                 optim.scale,
             )
             optimizer.zero_grad()
             loss.backward()
+            if size > 1:
+                average_gradients(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -379,7 +384,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         report_epoch(
             metrics,
             epoch=epoch,
-            state={"model": core.state_dict()},
+            state={"model": model.state_dict()},
             meta={"checkpoints_to_keep": ray_config.checkpoints_to_keep, "steps": step, **loop_config["meta"]},
             run_dir=ray_config.run_dir,
             local_mode=ray_config.num_workers == 0,

@@ -76,3 +76,19 @@ def test_train_grounding_encoder_pulls_synonyms_together_and_grounds(ray_session
 
     with pytest.raises(FileExistsError, match="already there"):
         train_grounding_encoder(config.model_copy(update={"ray": config.ray.model_copy(update={"name": "again"})}), kg)
+
+
+def test_two_workers_train_the_grounding_encoder(ray_session, kg, tmp_path, monkeypatch):
+    """Two Ray Train workers: the model runs twice per step and its pooler gets no gradient (plain DDP failed here)."""
+    monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
+    config = GroundingEncoderConfig(
+        output_dir=tmp_path / "grounding-two",
+        train=RetrieverOptim(epochs=1, batch_size=16, lr=1e-4, max_seq_length=32),
+        ray=RayTrainConfig(name="grounding-two", storage_path=tmp_path / "runs", num_workers=2),
+    )
+    result = train_grounding_encoder(config, kg=kg)
+
+    assert len(result.train_loss) == 1 and np.isfinite(result.train_loss[0])
+    pairs_per_worker = -(-result.pairs // 2)
+    assert result.steps == -(-pairs_per_worker // 16)  # each worker stepped through its half of the pairs
+    SentenceTransformerEmbedder(result.model_dir).encode(["fever"])
