@@ -105,8 +105,9 @@ def world_size() -> int:
 def average_gradients(model: torch.nn.Module) -> None:
     """All-reduces each gradient to its mean over the workers (after ``backward``, before the optimiser step).
 
-    For models run more than once per step, which DDP's reducer does not support. Every worker runs the same
-    graph, so a parameter without a gradient (an unused pooler) has none on every worker.
+    The alternative to DDP for a model run more than once before one backward, with parameters that get no
+    gradient (the bi-encoder step). Every worker runs the same graph, so a parameter without a gradient (an unused
+    pooler) has none on every worker.
     """
     import torch.distributed as dist
 
