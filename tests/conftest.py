@@ -66,11 +66,41 @@ def tiny_fusion_config():
     return build
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A fresh empty database per test: a SQLite file, and a PostgreSQL database where a server is configured.
+
+    ``EHRFLOW_TEST_POSTGRES_URL`` names a server and a user that may create databases (``.ci/run`` starts a
+    throwaway one where PostgreSQL is installed); without it the PostgreSQL case is skipped, saying so.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    server = os.environ.get("EHRFLOW_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("EHRFLOW_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL where it is installed)")
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin_url = sa.engine.make_url(server)
+    name = f"ehrflow_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture
-def store(tmp_path):
+def store(database_url):
     from ehrflow.records import PatientStore
 
-    return PatientStore(tmp_path / "patients.db")
+    return PatientStore(database_url)
 
 
 @pytest.fixture(scope="session")

@@ -62,10 +62,16 @@ def test_cohort_filter_rejects_bad_terms(text):
         CohortFilter.parse(text)
 
 
-def test_store_reopens_from_disk(tmp_path):
-    path = tmp_path / "s.db"
-    PatientStore(path).ingest([_patient("x")])
-    assert PatientStore(path).get("x").admissions[0].measurements[0].value == 4.1
+def test_store_reopens_from_disk(database_url):
+    PatientStore(database_url).ingest([_patient("x")])
+    reopened = PatientStore(database_url).get("x")
+    assert reopened.admissions[0].measurements[0].value == 4.1
+    assert reopened.admissions[0].admit_time == dt.datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def test_plain_path_is_a_sqlite_file(tmp_path):
+    PatientStore(tmp_path / "sub" / "s.db").ingest([_patient("x")])
+    assert PatientStore(tmp_path / "sub" / "s.db").get("x") is not None
 
 
 def test_model_rejects_naive_times_nonfinite_values_and_reversed_stays():
