@@ -1,4 +1,5 @@
-"""The durable job queue on SQLite and PostgreSQL: idempotent submission, leases, takeover, ownership."""
+"""The Serve app's durable stores on SQLite and PostgreSQL: the job queue (idempotent submission, leases,
+takeover, ownership) and the API keys."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import pytest
 
+from ehrflow.serve.auth import KeyStore
 from ehrflow.serve.jobs import IdempotencyConflict, JobStore, QueueFull
 
 
@@ -44,3 +46,12 @@ def test_patient_ownership(database_url):
     store.claim_patients("t1", ["p1", "p2"])
     store.claim_patients("t2", ["p2", "p3"])  # p2 stays with its first tenant
     assert [store.owner(p) for p in ("p1", "p2", "p3", "p4")] == ["t1", "t1", "t2", None]
+
+
+def test_api_keys(database_url):
+    keys = KeyStore(database_url)
+    token = keys.create("t1")
+    assert keys.tenant_of(token) == "t1"
+    assert keys.tenant_of(token[:-1] + ("A" if token[-1] != "A" else "B")) is None  # a wrong secret
+    assert keys.revoke(token) and keys.tenant_of(token) is None
+    assert KeyStore(database_url).tenant_of(keys.create("t2")) == "t2"  # a second client on the same database
