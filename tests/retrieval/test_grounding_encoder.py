@@ -20,6 +20,14 @@ from ehrflow.training.retriever import MAX_QUERY_CHARS, RetrieverOptim
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kg_tiny"
 
 
+def _config(tmp_path: Path, name: str, epochs: int, num_workers: int) -> GroundingEncoderConfig:
+    return GroundingEncoderConfig(
+        output_dir=tmp_path / name,
+        train=RetrieverOptim(epochs=epochs, batch_size=16, lr=1e-4, max_seq_length=32),
+        ray=RayTrainConfig(name=name, storage_path=tmp_path / "runs", num_workers=num_workers),
+    )
+
+
 @pytest.fixture(scope="module")
 def kg(tmp_path_factory) -> KnowledgeGraph:
     return KnowledgeGraph(index_openkg(FIXTURE, tmp_path_factory.mktemp("kg") / "tiny.sqlite"))
@@ -48,11 +56,7 @@ def test_synonym_pairs_join_labels_of_one_node_within_the_scope(kg):
 
 def test_train_grounding_encoder_pulls_synonyms_together_and_grounds(ray_session, kg, tmp_path, monkeypatch):
     monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
-    config = GroundingEncoderConfig(
-        output_dir=tmp_path / "grounding-mini",
-        train=RetrieverOptim(epochs=3, batch_size=16, lr=1e-4, max_seq_length=32),
-        ray=RayTrainConfig(name="grounding-test", storage_path=tmp_path / "runs", num_workers=1),
-    )
+    config = _config(tmp_path, "grounding-mini", epochs=3, num_workers=1)
     result = train_grounding_encoder(config, kg=kg)
 
     assert result.pairs > 16 and result.nodes > 8
@@ -81,11 +85,7 @@ def test_train_grounding_encoder_pulls_synonyms_together_and_grounds(ray_session
 def test_two_workers_train_the_grounding_encoder(ray_session, kg, tmp_path, monkeypatch):
     """Two Ray Train workers: the model runs twice per step and its pooler gets no gradient (plain DDP failed here)."""
     monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
-    config = GroundingEncoderConfig(
-        output_dir=tmp_path / "grounding-two",
-        train=RetrieverOptim(epochs=1, batch_size=16, lr=1e-4, max_seq_length=32),
-        ray=RayTrainConfig(name="grounding-two", storage_path=tmp_path / "runs", num_workers=2),
-    )
+    config = _config(tmp_path, "grounding-two", epochs=1, num_workers=2)
     result = train_grounding_encoder(config, kg=kg)
 
     assert len(result.train_loss) == 1 and np.isfinite(result.train_loss[0])
