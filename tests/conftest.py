@@ -103,9 +103,10 @@ def store(database_url):
     return PatientStore(database_url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_session(tmp_path_factory):
-    """One local Ray instance for the whole test session (``ray.init`` costs 5-7 s here)."""
+    """The local Ray instance the tests share: started by the first test that needs it (``ray.init`` costs
+    5-7 s here) and shut down at the end of the session, or earlier by ``isolated_ray``."""
     import ray
 
     if not ray.is_initialized():
@@ -115,8 +116,16 @@ def ray_session(tmp_path_factory):
             log_to_driver=False,
             _temp_dir=str(tmp_path_factory.mktemp("ray")),
         )
-    yield ray
-    # Ray is shut down once, at the end of the session (see pytest_sessionfinish).
+    return ray
+
+
+@pytest.fixture
+def isolated_ray(ray_session):
+    """Ray for a test that leaves cluster-wide state behind (Ray Serve): shut down afterwards, so the next test
+    starts a fresh instance. After ``serve.shutdown()`` the shared driver once never saw the next Ray Train
+    controller come alive, and the suite hung in that next test."""
+    yield ray_session
+    ray_session.shutdown()
 
 
 def pytest_sessionfinish(session, exitstatus):

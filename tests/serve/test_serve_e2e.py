@@ -36,7 +36,7 @@ def deploy(settings, cfg):
     wait_ready(f"http://127.0.0.1:{PORT}", timeout_s=300)
 
 
-def test_serve_end_to_end(ray_session, tmp_path, physionet_stays, tiny_fusion_config):
+def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_config):
     from ray import serve
 
     from ehrflow.config import get_settings
