@@ -138,18 +138,18 @@ def neural(
 
 
 def seed_ensemble(
-    prepared: PreparedData, first: dict[str, np.ndarray], run_root: Path, args: argparse.Namespace
+    prepared: PreparedData, first: dict[str, np.ndarray], run_root: Path, seeds: int, epochs: int, threads: int
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Mean probability of the fusion model over seeds 0..N-1 (seed 0 is ``first``, already trained)."""
+    """Mean probability of the fusion model over seeds 0..seeds-1 (seed 0 is ``first``, already trained)."""
     runs, infos = [first], []
-    for seed in range(1, args.seeds):
+    for seed in range(1, seeds):
         scores, info = neural(
             prepared,
             ["timeseries", "static", "stats"],
             run_root,
             f"fusion-seed{seed}",
-            args.epochs,
-            args.threads,
+            epochs,
+            threads,
             seed,
         )
         runs.append(scores)
@@ -207,7 +207,7 @@ def main() -> None:
                 prepared, ["timeseries", "static", "stats"], run_root, "fusion", args.epochs, args.threads
             )
             scores["ehrflow_fusion_ensemble"], ensemble_info = seed_ensemble(
-                prepared, scores["ehrflow_fusion_stats"], run_root, args
+                prepared, scores["ehrflow_fusion_stats"], run_root, args.seeds, args.epochs, args.threads
             )
             stacked, weight = stack(
                 scores["gradient_boosted_trees"], scores["ehrflow_fusion_ensemble"], splits["val"].mortality
