@@ -122,8 +122,8 @@ def ray_session(tmp_path_factory):
 @pytest.fixture
 def isolated_ray(ray_session):
     """Ray for a test that leaves cluster-wide state behind (Ray Serve): shut down afterwards, so the next test
-    starts a fresh instance. After ``serve.shutdown()`` the shared driver once never saw the next Ray Train
-    controller come alive, and the suite hung in that next test."""
+    starts a fresh instance. With one shared instance, the first Ray Train run after ``serve.shutdown()`` hung:
+    the driver never saw its controller come alive (in CI and reproduced locally, Ray 2.60)."""
     yield ray_session
     ray_session.shutdown()
 
