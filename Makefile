@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench pyhealth-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,17 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-bench: install
+# PyHealth 1.1.6 (benchmarks/medrec.py compares its GAMENet) pins pandas<2, so it gets its own
+# environment; CPU torch pinned as above, numpy<2 for pandas 1.5, setuptools<81 for pkg_resources.
+PYHEALTH_STAMP := .venv-pyhealth/.installed
+$(PYHEALTH_STAMP):
+	$(PYTHON) -m venv .venv-pyhealth
+	.venv-pyhealth/bin/pip install --quiet "torch==2.13.0" "pyhealth==1.1.6" "numpy<2" "setuptools<81"
+	touch $(PYHEALTH_STAMP)
+
+pyhealth-venv: $(PYHEALTH_STAMP)
+
+bench: install pyhealth-venv
 	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,bench,local-llm]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 

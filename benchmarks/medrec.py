@@ -14,7 +14,12 @@ Throughput: a synthetic cohort (default 50k visits, MIMIC-III benchmark-like cod
 for a bounded number of steps on 1 and 2 Ray workers; reported are measured seconds, patients per
 second and the full epoch time that rate implies (``projected``).
 
-PyHealth: only compared where it installs without a CUDA torch; the result records why not.
+PyHealth: its GAMENet (``pyhealth.models.GAMENet`` with its own trainer) runs on every cohort and
+split next to ehrflow's models, in its own virtual environment (``make pyhealth-venv``: PyHealth
+1.1.6 pins pandas<2 and cannot share the project's), through ``benchmarks/external/pyhealth_gamenet.py``.
+Its test-visit probabilities come back and are scored here with the same bootstrap rounds; its
+seconds per epoch are training only, as ehrflow's. Without that environment the part is skipped
+and the result says so.
 
     .venv/bin/python benchmarks/medrec.py [--epochs 25] [--seeds 0,1,2,3,4] [--scale-visits 50000] [--scale-steps 60]
 """
@@ -22,10 +27,10 @@ PyHealth: only compared where it installs without a CUDA torch; the result recor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,11 +41,12 @@ from typing import Any
 import numpy as np
 from _util import peak_rss_mib, write_result
 
+from ehrflow.models.medrec import collate
 from ehrflow.records.errors import ErrorSink
 from ehrflow.records.loaders.mimic import Mimic3Loader, Mimic4Loader
 from ehrflow.records.loaders.synthea_csv import SyntheaCsvLoader
 from ehrflow.records.model import Patient
-from ehrflow.training.medrec import MedRecConfig, train_medrec
+from ehrflow.training.medrec import MedRecConfig, bootstrap_rounds, train_medrec
 from ehrflow.training.medrec_data import OOV, PAD, MedRecDataConfig, MedRecDataset, build_dataset
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file written outside the project
@@ -57,10 +63,8 @@ MODELS = {  # benchmark name -> (model, molecule encoder)
     "logreg": ("logreg", None),
 }
 MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
-PYHEALTH_DRY_RUN = (
-    "pip install --dry-run pyhealth resolves pyhealth 1.1.6 with torch 2.14.1 + nvidia CUDA 13 wheels and "
-    "pandas 1.5.3 (a downgrade from the project's pandas 3): it would replace the CPU torch; not installed"
-)
+PYHEALTH_VENV_PYTHON = REPO / ".venv-pyhealth" / "bin" / "python"
+PYHEALTH_ADAPTER = REPO / "benchmarks" / "external" / "pyhealth_gamenet.py"
 
 
 def _patients(cohort: str, scratch: Path) -> list[Patient]:
@@ -168,6 +172,49 @@ def quality(
             logging.info("%s seed %d %s: %s", cohort, seed, model, runs["models"][model]["test"])
             out["over_seeds"] = _over_seeds(per_seed)
             save()
+        if args.pyhealth_python is not None:
+            run_data = scratch / "out" / name / "data"  # the split every model of this seed used
+            runs["models"]["pyhealth_gamenet"] = pyhealth_gamenet(args, run_data, seed, scratch)
+            logging.info("%s seed %d pyhealth_gamenet: %s", cohort, seed, runs["models"]["pyhealth_gamenet"]["test"])
+            out["over_seeds"] = _over_seeds(per_seed)
+            save()
+
+
+def pyhealth_gamenet(args: argparse.Namespace, run_data: Path, seed: int, scratch: Path) -> dict[str, Any]:
+    """PyHealth's GAMENet on the run's split in its own environment; scored with the same bootstrap rounds."""
+    dataset = MedRecDataset.load(run_data)
+    test = json.loads((run_data / "split.json").read_text())["test"]
+    out = scratch / "pyhealth" / f"{run_data.parent.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as log:  # PyHealth's trainer logs every epoch to stdout
+        subprocess.run(
+            [str(args.pyhealth_python), str(PYHEALTH_ADAPTER), str(run_data), str(out)]
+            + ["--epochs", str(args.epochs), "--seed", str(seed)],
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    info = json.loads(out.with_suffix(".json").read_text())
+    flat = np.load(out.with_suffix(".npz"))["probs"]
+    truths, probs, at = [], [], 0
+    for i in test:
+        truth = collate([dataset.visits[i]], len(dataset.med_vocab)).meds[0].numpy()
+        truths.append(truth)
+        probs.append(flat[at : at + len(truth)])
+        at += len(truth)
+    if at != len(flat):
+        raise RuntimeError(f"PyHealth returned {len(flat)} test visits, the split has {at}")
+    scores = bootstrap_rounds(truths, probs, dataset.ddi, rounds=10, fraction=0.8, seed=seed)
+    return {
+        "test": _summary(scores),
+        "test_jaccard_mean": scores["jaccard"].mean,
+        "val_jaccard": round(info["val_jaccard_samples"], 4),
+        "seconds_per_epoch": round(info["seconds_per_epoch"], 3),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "drugs_in_pyhealth_vocabulary": info["drugs_in_pyhealth_vocabulary"],
+        "versions": info["versions"],
+    }
 
 
 def _over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -272,6 +319,12 @@ def main() -> None:
     parser.add_argument("--scale-models", default="nlammr,gamenet")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--scale-after", type=int, default=2, help="run the throughput part after this many cohorts")
+    parser.add_argument(
+        "--pyhealth-python",
+        type=Path,
+        default=PYHEALTH_VENV_PYTHON if PYHEALTH_VENV_PYTHON.exists() else None,
+        help="python of a PyHealth 1.1.6 environment (make pyhealth-venv); default .venv-pyhealth when present",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("ray", "ehrflow", "httpx", "sentence_transformers"):
@@ -280,8 +333,12 @@ def main() -> None:
     payload: dict[str, Any] = {
         "protocol": "patient split 2/3 train, 1/6 val, 1/6 test (one split per seed); best val Jaccard; 10 x 80% bootstrap",
         "note": "demo cohorts are tiny (100 patients each; test sets of 2-8 patients): not a model ranking",
-        "settings": vars(args),
-        "pyhealth": "installed" if importlib.util.find_spec("pyhealth") else f"not installed: {PYHEALTH_DRY_RUN}",
+        "settings": {**vars(args), "pyhealth_python": str(args.pyhealth_python or "")},
+        "pyhealth": (
+            f"pyhealth.models.GAMENet through {args.pyhealth_python} (benchmarks/external/pyhealth_gamenet.py)"
+            if args.pyhealth_python is not None
+            else "skipped: no PyHealth environment (make pyhealth-venv)"
+        ),
         "cohorts": {},
         "complete": False,
     }
