@@ -159,7 +159,7 @@ def quality(
                 "test_jaccard_mean": result.test["jaccard"].mean,
                 "val_jaccard": round(result.validation["jaccard"], 4),
                 "best_epoch": result.best_epoch,
-                "seconds_per_epoch": round(float(np.mean(result.seconds_per_epoch)), 3),
+                "seconds_per_epoch": round(float(np.median(result.seconds_per_epoch)), 3),
                 "wall_seconds": round(time.perf_counter() - t0, 1),
             }
             runs["models"]["previous_visit_rule"] = {
@@ -180,6 +180,21 @@ def quality(
             save()
 
 
+def _run_pyhealth(args: argparse.Namespace, run_data: Path, out: Path, *options: str) -> dict[str, Any]:
+    """Run the adapter in PyHealth's environment; its trainer logs every epoch, so output goes to a file."""
+    log = out.with_suffix(".log")
+    with open(log, "w") as fh:
+        done = subprocess.run(
+            [str(args.pyhealth_python), str(PYHEALTH_ADAPTER), str(run_data), str(out), *options],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONHASHSEED": "0"},  # PyHealth builds its vocabularies from sets
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"PyHealth's GAMENet failed on {run_data}:\n" + log.read_text()[-3000:])
+    return json.loads(out.with_suffix(".json").read_text())
+
+
 def pyhealth_gamenet(args: argparse.Namespace, run_data: Path, seed: int, scratch: Path) -> dict[str, Any]:
     """PyHealth's GAMENet on the run's split in its own environment; scored with the same bootstrap rounds."""
     dataset = MedRecDataset.load(run_data)
@@ -187,15 +202,7 @@ def pyhealth_gamenet(args: argparse.Namespace, run_data: Path, seed: int, scratc
     out = scratch / "pyhealth" / f"{run_data.parent.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(out.with_suffix(".log"), "w") as log:  # PyHealth's trainer logs every epoch to stdout
-        subprocess.run(
-            [str(args.pyhealth_python), str(PYHEALTH_ADAPTER), str(run_data), str(out)]
-            + ["--epochs", str(args.epochs), "--seed", str(seed)],
-            check=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    info = json.loads(out.with_suffix(".json").read_text())
+    info = _run_pyhealth(args, run_data, out, "--epochs", str(args.epochs), "--seed", str(seed))
     flat = np.load(out.with_suffix(".npz"))["probs"]
     truths, probs, at = [], [], 0
     for i in test:
@@ -303,6 +310,37 @@ def throughput(args: argparse.Namespace, scratch: Path, out: dict[str, Any], sav
             }
             logging.info("throughput %s %d workers: %s", model, workers, out["runs"][f"{model}/{workers}_workers"])
             save()
+    if args.pyhealth_python is not None:
+        out["runs"]["pyhealth_gamenet/1_process"] = pyhealth_throughput(
+            args, dataset, scratch / "out" / config.ray.name
+        )
+        logging.info("throughput pyhealth_gamenet: %s", out["runs"]["pyhealth_gamenet/1_process"])
+        save()
+
+
+def pyhealth_throughput(args: argparse.Namespace, dataset: MedRecDataset, output_dir: Path) -> dict[str, Any]:
+    """PyHealth's GAMENet on the same synthetic split: two capped epochs, batches of as many visits as ehrflow's 32 patients."""
+    batch = round(32 * dataset.n_visits / len(dataset.patient_ids))
+    out = output_dir.parent / "pyhealth-throughput"
+    info = _run_pyhealth(
+        args,
+        output_dir / "data",
+        out,
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        str(args.scale_steps),
+        "--batch-size",
+        str(batch),
+    )
+    seconds = info["epoch_seconds"][-1]  # the second epoch, as for ehrflow's runs
+    return {
+        "steps_per_epoch": info["steps_per_epoch"],
+        "batch_visits": batch,
+        "measured_epoch_seconds": round(seconds, 2),
+        "visits_per_second": round(info["steps_per_epoch"] * batch / seconds, 1),
+        "projected_full_epoch_seconds": round(seconds * info["full_epoch_steps"] / info["steps_per_epoch"], 1),
+    }
 
 
 def main() -> None:

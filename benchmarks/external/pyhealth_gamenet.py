@@ -16,13 +16,16 @@ What is PyHealth's and what is adapted:
   nothing here fetches data), indexed by PyHealth's label vocabulary;
 - visits with no diagnosis or no procedure code get the token ``<none>`` for that list, so every
   visit of the split is scored (PyHealth's task function drops such visits);
+- ``GAMENetLayer.beta`` (the weight of the DDI memory) is created with ``torch.FloatTensor(1)`` and
+  never initialised in PyHealth 1.1.6, so each run starts from whatever memory held (runs did not
+  repeat, and a NaN start is possible). It is drawn from U(-0.1, 0.1) as GAMENet's own code does;
 - torchvision from PyPI is built against CUDA torch and fails to import with the CPU wheel;
   PyHealth imports it only for image featurisers, so a stand-in module is installed before the
   import. GAMENet does not touch it.
 
 Writes ``OUT.npz`` (``probs``: test visits x ehrflow's drug vocabulary, patients in the split's
-order, visits in time order) and ``OUT.json`` (train seconds per epoch without validation, best
-validation score, vocabulary coverage).
+order, visits in time order) and ``OUT.json`` (training seconds of each epoch without validation
+and their median, steps per epoch run and in a full epoch, best validation score, vocabulary coverage).
 
     .venv-pyhealth/bin/python benchmarks/external/pyhealth_gamenet.py DATA_DIR OUT [--epochs 12] [--seed 0]
 """
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="samples (visits) per step")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="cap, for throughput runs on large cohorts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -123,6 +127,11 @@ def main() -> None:
     }
 
     class EhrflowDDIGAMENet(GAMENet):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            with torch.no_grad():  # PyHealth leaves beta as uninitialised memory; GAMENet's code draws U(-0.1, 0.1)
+                self.gamenet.beta.uniform_(-0.1, 0.1)
+
         def generate_ddi_adj(self) -> torch.Tensor:
             size = self.label_tokenizer.get_vocabulary_size()
             theirs, ours = _shared_columns(self.label_tokenizer.vocabulary.token2idx, med_vocab)
@@ -131,16 +140,17 @@ def main() -> None:
             return adj
 
     class TimedTrainer(Trainer):
-        """Counts the seconds spent in validation so training seconds per epoch can be reported alone."""
+        """Times each epoch's training apart from its validation (the trainer validates at each epoch's end)."""
 
-        evaluation_seconds = 0.0
+        mark: float
+        epoch_seconds: list[float]
 
         def evaluate(self, dataloader):  # type: ignore[no-untyped-def]
-            start = time.perf_counter()
+            self.epoch_seconds.append(time.perf_counter() - self.mark)
             try:
                 return super().evaluate(dataloader)
             finally:
-                self.evaluation_seconds += time.perf_counter() - start
+                self.mark = time.perf_counter()
 
     model = EhrflowDDIGAMENet(dataset)
     trainer = TimedTrainer(model, metrics=["jaccard_samples"], device="cpu", output_path=str(scratch), exp_name="run")
@@ -148,10 +158,18 @@ def main() -> None:
         name: get_dataloader(subsets[name], batch_size=args.batch_size, shuffle=name == "train")
         for name in ("train", "val", "test")
     }
-    start = time.perf_counter()
-    trainer.train(loaders["train"], loaders["val"], epochs=args.epochs, monitor="jaccard_samples")
-    wall = time.perf_counter() - start
-    best_val = trainer.evaluate(loaders["val"])["jaccard_samples"]  # the best checkpoint is loaded at the end
+    trainer.epoch_seconds = []
+    trainer.mark = time.perf_counter()
+    trainer.train(
+        loaders["train"],
+        loaders["val"],
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        monitor="jaccard_samples",
+    )
+    epoch_seconds = list(trainer.epoch_seconds)
+    steps = args.steps_per_epoch or len(loaders["train"])
+    best_val = Trainer.evaluate(trainer, loaders["val"])["jaccard_samples"]  # the best checkpoint is loaded at the end
     _, y_prob, _ = trainer.inference(loaders["test"])
 
     theirs, ours = _shared_columns(model.label_tokenizer.vocabulary.token2idx, med_vocab)
@@ -164,7 +182,11 @@ def main() -> None:
                 "model": "pyhealth.models.GAMENet",
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
-                "seconds_per_epoch": (wall - trainer.evaluation_seconds) / args.epochs,
+                "seconds_per_epoch": float(np.median(epoch_seconds)),
+                "epoch_seconds": epoch_seconds,
+                "steps_per_epoch": steps,
+                "full_epoch_steps": len(loaders["train"]),
+                "train_visits": sizes["train"],
                 "val_jaccard_samples": best_val,
                 "drugs_in_pyhealth_vocabulary": len(ours),
                 "drugs": len(med_vocab),
