@@ -311,9 +311,7 @@ def throughput(args: argparse.Namespace, scratch: Path, out: dict[str, Any], sav
             logging.info("throughput %s %d workers: %s", model, workers, out["runs"][f"{model}/{workers}_workers"])
             save()
     if args.pyhealth_python is not None:
-        out["runs"]["pyhealth_gamenet/1_process"] = pyhealth_throughput(
-            args, dataset, scratch / "out" / config.ray.name
-        )
+        out["runs"]["pyhealth_gamenet/1_process"] = pyhealth_throughput(args, dataset, config.output_dir)
         logging.info("throughput pyhealth_gamenet: %s", out["runs"]["pyhealth_gamenet/1_process"])
         save()
 
