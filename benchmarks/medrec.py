@@ -199,7 +199,7 @@ def pyhealth_gamenet(args: argparse.Namespace, run_data: Path, seed: int, scratc
     """PyHealth's GAMENet on the run's split in its own environment; scored with the same bootstrap rounds."""
     dataset = MedRecDataset.load(run_data)
     test = json.loads((run_data / "split.json").read_text())["test"]
-    out = scratch / "pyhealth" / f"{run_data.parent.name}"
+    out = scratch / "pyhealth" / run_data.parent.name
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     info = _run_pyhealth(args, run_data, out, "--epochs", str(args.epochs), "--seed", str(seed))
