@@ -14,11 +14,11 @@ Throughput: a synthetic cohort (default 50k visits, MIMIC-III benchmark-like cod
 for a bounded number of steps on 1 and 2 Ray workers; reported are measured seconds, patients per
 second and the full epoch time that rate implies (``projected``).
 
-PyHealth: its GAMENet (``pyhealth.models.GAMENet`` with its own trainer) runs on every cohort and
-split next to ehrflow's models, in its own virtual environment (``make pyhealth-venv``: PyHealth
-1.1.6 pins pandas<2 and cannot share the project's), through ``benchmarks/external/pyhealth_gamenet.py``.
-Its test-visit probabilities come back and are scored here with the same bootstrap rounds; its
-seconds per epoch are training only, as ehrflow's. Without that environment the part is skipped
+PyHealth: its GAMENet and MLP (``pyhealth.models``, with PyHealth's own trainer) run on every
+cohort and split next to ehrflow's models, in their own virtual environment (``make pyhealth-venv``:
+PyHealth 1.1.6 pins pandas<2 and cannot share the project's), through
+``benchmarks/external/pyhealth_medrec.py``. Their test-visit probabilities come back and are scored
+here with the same bootstrap rounds; their seconds per epoch are training only, as ehrflow's. Without that environment the part is skipped
 and the result says so.
 
     .venv/bin/python benchmarks/medrec.py [--epochs 25] [--seeds 0,1,2,3,4] [--scale-visits 50000] [--scale-steps 60]
@@ -64,7 +64,8 @@ MODELS = {  # benchmark name -> (model, molecule encoder)
 }
 MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
 PYHEALTH_VENV_PYTHON = REPO / ".venv-pyhealth" / "bin" / "python"
-PYHEALTH_ADAPTER = REPO / "benchmarks" / "external" / "pyhealth_gamenet.py"
+PYHEALTH_ADAPTER = REPO / "benchmarks" / "external" / "pyhealth_medrec.py"
+PYHEALTH_MODELS = ("gamenet", "mlp")
 
 
 def _patients(cohort: str, scratch: Path) -> list[Patient]:
@@ -174,10 +175,12 @@ def quality(
             save()
         if args.pyhealth_python is not None:
             run_data = scratch / "out" / name / "data"  # the split every model of this seed used
-            runs["models"]["pyhealth_gamenet"] = pyhealth_gamenet(args, run_data, seed, scratch)
-            logging.info("%s seed %d pyhealth_gamenet: %s", cohort, seed, runs["models"]["pyhealth_gamenet"]["test"])
-            out["over_seeds"] = _over_seeds(per_seed)
-            save()
+            for pyhealth_model in PYHEALTH_MODELS:
+                key = f"pyhealth_{pyhealth_model}"
+                runs["models"][key] = pyhealth_quality(args, run_data, seed, scratch, pyhealth_model)
+                logging.info("%s seed %d %s: %s", cohort, seed, key, runs["models"][key]["test"])
+                out["over_seeds"] = _over_seeds(per_seed)
+                save()
 
 
 def _run_pyhealth(args: argparse.Namespace, run_data: Path, out: Path, *options: str) -> dict[str, Any]:
@@ -191,18 +194,18 @@ def _run_pyhealth(args: argparse.Namespace, run_data: Path, out: Path, *options:
             env={**os.environ, "PYTHONHASHSEED": "0"},  # PyHealth builds its vocabularies from sets
         )
     if done.returncode != 0:
-        raise RuntimeError(f"PyHealth's GAMENet failed on {run_data}:\n" + log.read_text()[-3000:])
+        raise RuntimeError(f"PyHealth failed on {run_data} ({' '.join(options)}):\n" + log.read_text()[-3000:])
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def pyhealth_gamenet(args: argparse.Namespace, run_data: Path, seed: int, scratch: Path) -> dict[str, Any]:
-    """PyHealth's GAMENet on the run's split in its own environment; scored with the same bootstrap rounds."""
+def pyhealth_quality(args: argparse.Namespace, run_data: Path, seed: int, scratch: Path, model: str) -> dict[str, Any]:
+    """A PyHealth model on the run's split in its own environment; scored with the same bootstrap rounds."""
     dataset = MedRecDataset.load(run_data)
     test = json.loads((run_data / "split.json").read_text())["test"]
-    out = scratch / "pyhealth" / run_data.parent.name
+    out = scratch / "pyhealth" / f"{run_data.parent.name}-{model}"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    info = _run_pyhealth(args, run_data, out, "--epochs", str(args.epochs), "--seed", str(seed))
+    info = _run_pyhealth(args, run_data, out, "--model", model, "--epochs", str(args.epochs), "--seed", str(seed))
     flat = np.load(out.with_suffix(".npz"))["probs"]
     truths, probs, at = [], [], 0
     for i in test:
@@ -371,7 +374,7 @@ def main() -> None:
         "note": "demo cohorts are tiny (100 patients each; test sets of 2-8 patients): not a model ranking",
         "settings": {**vars(args), "pyhealth_python": str(args.pyhealth_python or "")},
         "pyhealth": (
-            f"pyhealth.models.GAMENet through {args.pyhealth_python} (benchmarks/external/pyhealth_gamenet.py)"
+            f"pyhealth.models GAMENet and MLP through {args.pyhealth_python} (benchmarks/external/pyhealth_medrec.py)"
             if args.pyhealth_python is not None
             else "skipped: no PyHealth environment (make pyhealth-venv)"
         ),

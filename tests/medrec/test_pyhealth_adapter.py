@@ -4,11 +4,11 @@ its own environment, so only the adapter's pure functions are tested here)."""
 import importlib.util
 from pathlib import Path
 
-ADAPTER = Path(__file__).resolve().parents[2] / "benchmarks" / "external" / "pyhealth_gamenet.py"
+ADAPTER = Path(__file__).resolve().parents[2] / "benchmarks" / "external" / "pyhealth_medrec.py"
 
 
 def _adapter():
-    spec = importlib.util.spec_from_file_location("pyhealth_gamenet", ADAPTER)
+    spec = importlib.util.spec_from_file_location("pyhealth_medrec", ADAPTER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,6 +33,7 @@ def test_one_sample_per_visit_with_history_and_without_the_target():
     assert second["procedures"] == [["ICD9PROC:3961"], ["<none>"]]  # an empty list gets the placeholder
     assert second["drugs"] == ["C09A", "N02B"]
     assert second["drugs_hist"] == [["A10B", "C09A"], []]  # earlier drugs; the visit's own are the target
+    assert second["visit_conditions"] == ["ICD9CM:25000"] and second["visit_procedures"] == ["<none>"]
     assert samples[2]["drugs_hist"] == [[]] and samples[2]["drugs"] == []
 
 

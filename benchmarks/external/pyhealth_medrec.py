@@ -1,4 +1,4 @@
-"""PyHealth 1.1.6's GAMENet on an ehrflow med-rec split: runs in its own virtual environment.
+"""PyHealth 1.1.6's GAMENet or MLP on an ehrflow med-rec split: runs in its own virtual environment.
 
 PyHealth pins ``pandas<2`` and ``urllib3<=1.26.15`` and imports torchvision, so it cannot share
 the project's environment; ``make pyhealth-venv`` builds ``.venv-pyhealth`` (CPU torch 2.13.0,
@@ -8,10 +8,12 @@ calls this script once per cohort and split. It reads only the files ehrflow wro
 
 What is PyHealth's and what is adapted:
 
-- the model (``pyhealth.models.GAMENet``: embeddings, GRUs, graph memory, its loss), the trainer
-  (``pyhealth.trainer.Trainer``: AdamW, best checkpoint by validation ``jaccard_samples``) and the
-  sample layout of PyHealth's ``drug_recommendation_mimic3_fn`` (one sample per visit, the codes
-  of that visit and all earlier ones, the drugs of earlier visits as history) are PyHealth's own;
+- the models (``pyhealth.models.GAMENet``: embeddings, GRUs, graph memory, its loss;
+  ``pyhealth.models.MLP`` with its defaults, on the visit's own diagnosis and procedure codes as
+  ehrflow's MLP baseline), the trainer (``pyhealth.trainer.Trainer``: AdamW, best checkpoint by
+  validation ``jaccard_samples``) and the sample layout of PyHealth's
+  ``drug_recommendation_mimic3_fn`` (one sample per visit, the codes of that visit and all earlier
+  ones, the drugs of earlier visits as history) are PyHealth's own;
 - the DDI graph is the ehrflow run's ``ddi.npy`` (PyHealth would download its own ATC table, and
   nothing here fetches data), indexed by PyHealth's label vocabulary;
 - visits with no diagnosis or no procedure code get the token ``<none>`` for that list, so every
@@ -21,13 +23,13 @@ What is PyHealth's and what is adapted:
   repeat, and a NaN start is possible). It is drawn from U(-0.1, 0.1) as GAMENet's own code does;
 - torchvision from PyPI is built against CUDA torch and fails to import with the CPU wheel;
   PyHealth imports it only for image featurisers, so a stand-in module is installed before the
-  import. GAMENet does not touch it.
+  import. Neither model touches it.
 
 Writes ``OUT.npz`` (``probs``: test visits x ehrflow's drug vocabulary, patients in the split's
 order, visits in time order) and ``OUT.json`` (training seconds of each epoch without validation
 and their median, steps per epoch run and in a full epoch, best validation score, vocabulary coverage).
 
-    .venv-pyhealth/bin/python benchmarks/external/pyhealth_gamenet.py DATA_DIR OUT [--epochs 12] [--seed 0]
+    .venv-pyhealth/bin/python benchmarks/external/pyhealth_medrec.py DATA_DIR OUT [--model gamenet|mlp] [--epochs 12]
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ NONE_TOKEN = "<none>"
 
 
 def _stand_in_torchvision() -> None:
-    """PyHealth imports ``torchvision.transforms`` at package import; GAMENet never uses it."""
+    """PyHealth imports ``torchvision.transforms`` at package import; the med-rec models never use it."""
     vision = types.ModuleType("torchvision")
     vision.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
     sys.modules["torchvision"] = vision
@@ -64,7 +66,8 @@ def _shared_columns(token2idx: dict[str, int], med_vocab: list[str]) -> tuple[li
 
 
 def samples_of(doc: dict, patients: list[int]) -> list[dict]:
-    """PyHealth's drug-recommendation samples: per visit, codes up to it, drugs of earlier visits."""
+    """PyHealth's drug-recommendation samples: per visit, codes up to it, drugs of earlier visits
+    (GAMENet's inputs), and the visit's own codes (the MLP's)."""
     diag_vocab, proc_vocab, med_vocab = doc["diag_vocab"], doc["proc_vocab"], doc["med_vocab"]
     samples = []
     for p in patients:
@@ -81,6 +84,8 @@ def samples_of(doc: dict, patients: list[int]) -> list[dict]:
                     "visit_id": f"{p}-{t}",
                     "conditions": [list(c) for c in conditions],
                     "procedures": [list(c) for c in procedures],
+                    "visit_conditions": list(conditions[-1]),
+                    "visit_procedures": list(procedures[-1]),
                     "drugs": drugs,
                     "drugs_hist": [list(d) for d in drugs_hist] + [[]],  # the visit's own drugs are the target
                 }
@@ -93,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", type=Path, help="an ehrflow med-rec run's data directory")
     parser.add_argument("out", type=Path, help="output stem: OUT.npz and OUT.json")
+    parser.add_argument("--model", choices=("gamenet", "mlp"), default="gamenet")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="samples (visits) per step")
@@ -105,7 +111,7 @@ def main() -> None:
     _stand_in_torchvision()
     import torch
     from pyhealth.datasets import SampleEHRDataset, get_dataloader
-    from pyhealth.models import GAMENet
+    from pyhealth.models import MLP, GAMENet
     from pyhealth.trainer import Trainer
     from torch.utils.data import Subset
 
@@ -152,7 +158,10 @@ def main() -> None:
             finally:
                 self.mark = time.perf_counter()
 
-    model = EhrflowDDIGAMENet(dataset)
+    if args.model == "gamenet":
+        model = EhrflowDDIGAMENet(dataset)
+    else:
+        model = MLP(dataset, ["visit_conditions", "visit_procedures"], "drugs", "multilabel")
     trainer = TimedTrainer(model, metrics=["jaccard_samples"], device="cpu", output_path=str(scratch), exp_name="run")
     loaders = {
         name: get_dataloader(subsets[name], batch_size=args.batch_size, shuffle=name == "train")
@@ -179,7 +188,7 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {
-                "model": "pyhealth.models.GAMENet",
+                "model": "pyhealth.models." + ("GAMENet" if args.model == "gamenet" else "MLP"),
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "seconds_per_epoch": float(np.median(epoch_seconds)),
