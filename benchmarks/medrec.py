@@ -215,7 +215,17 @@ def pyhealth_quality(args: argparse.Namespace, run_data: Path, seed: int, scratc
         at += len(truth)
     if at != len(flat):
         raise RuntimeError(f"PyHealth returned {len(flat)} test visits, the split has {at}")
-    scores = bootstrap_rounds(truths, probs, dataset.ddi, rounds=10, fraction=0.8, seed=seed)
+    # the rounds ehrflow's models were scored with (``_config`` keeps MedRecConfig's defaults)
+    protocol = MedRecConfig.model_fields
+    scores = bootstrap_rounds(
+        truths,
+        probs,
+        dataset.ddi,
+        rounds=protocol["bootstrap_rounds"].default,
+        fraction=protocol["bootstrap_fraction"].default,
+        seed=seed,
+        threshold=protocol["threshold"].default,
+    )
     return {
         "test": _summary(scores),
         "test_jaccard_mean": scores["jaccard"].mean,
