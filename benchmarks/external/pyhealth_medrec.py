@@ -105,8 +105,12 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="cap, for throughput runs on large cohorts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="pyhealth-") as scratch:
+        run(args, Path(scratch))
 
-    scratch = Path(tempfile.mkdtemp(prefix="pyhealth-"))
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
+    """Train, pick the best validation epoch, write the test probabilities; ``scratch`` holds PyHealth's files."""
     os.environ["HOME"] = str(scratch)  # PyHealth writes its cache (and GAMENet's ddi_adj.npy) under ~/.cache
     _stand_in_torchvision()
     import torch
