@@ -34,7 +34,7 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# PyHealth 1.1.6 (benchmarks/medrec.py compares its GAMENet) pins pandas<2, so it gets its own
+# PyHealth 1.1.6 (benchmarks/medrec.py compares its GAMENet and MLP) pins pandas<2, so it gets its own
 # environment; CPU torch pinned as above, numpy<2 for pandas 1.5, setuptools<81 for pkg_resources.
 PYHEALTH_STAMP := .venv-pyhealth/.installed
 $(PYHEALTH_STAMP):

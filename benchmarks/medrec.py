@@ -18,8 +18,8 @@ PyHealth: its GAMENet and MLP (``pyhealth.models``, with PyHealth's own trainer)
 cohort and split next to ehrflow's models, in their own virtual environment (``make pyhealth-venv``:
 PyHealth 1.1.6 pins pandas<2 and cannot share the project's), through
 ``benchmarks/external/pyhealth_medrec.py``. Their test-visit probabilities come back and are scored
-here with the same bootstrap rounds; their seconds per epoch are training only, as ehrflow's. Without that environment the part is skipped
-and the result says so.
+here with the same bootstrap rounds; their seconds per epoch are training only, as ehrflow's.
+Without that environment the part is skipped and the result says so.
 
     .venv/bin/python benchmarks/medrec.py [--epochs 25] [--seeds 0,1,2,3,4] [--scale-visits 50000] [--scale-steps 60]
 """
@@ -324,14 +324,18 @@ def throughput(args: argparse.Namespace, scratch: Path, out: dict[str, Any], sav
             logging.info("throughput %s %d workers: %s", model, workers, out["runs"][f"{model}/{workers}_workers"])
             save()
     if args.pyhealth_python is not None:
-        out["runs"]["pyhealth_gamenet/1_process"] = pyhealth_throughput(args, dataset, config.output_dir)
+        out["runs"]["pyhealth_gamenet/1_process"] = pyhealth_throughput(
+            args, dataset, config.output_dir, config.batch_size
+        )
         logging.info("throughput pyhealth_gamenet: %s", out["runs"]["pyhealth_gamenet/1_process"])
         save()
 
 
-def pyhealth_throughput(args: argparse.Namespace, dataset: MedRecDataset, output_dir: Path) -> dict[str, Any]:
-    """PyHealth's GAMENet on the same synthetic split: two capped epochs, batches of as many visits as ehrflow's 32 patients."""
-    batch = round(32 * dataset.n_visits / len(dataset.patient_ids))
+def pyhealth_throughput(
+    args: argparse.Namespace, dataset: MedRecDataset, output_dir: Path, patients_per_batch: int
+) -> dict[str, Any]:
+    """PyHealth's GAMENet on the same synthetic split: two capped epochs, batches of as many visits as ehrflow's."""
+    batch = round(patients_per_batch * dataset.n_visits / len(dataset.patient_ids))
     out = output_dir.parent / "pyhealth-throughput"
     info = _run_pyhealth(
         args,
