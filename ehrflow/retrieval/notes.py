@@ -294,9 +294,11 @@ class NoteIndex:
     ) -> list[Hit]:
         """The ``k`` best chunks for ``query``, over one patient's notes or all of them.
 
-        ``expand`` adds the KG synonyms, abbreviations and child concepts of what the query names: BM25 searches
-        the query's tokens plus theirs; dense search scores each chunk by its best similarity to the query or to
-        any expansion term. An unknown patient gives no hits.
+        ``expand`` adds the KG synonyms, abbreviations and child concepts of what the query names as rankings of
+        their own beside the query's: BM25 over the query's tokens plus theirs, and dense search scoring each chunk by
+        its best similarity to the query or to any expansion term. All rankings are fused by RRF, so a chunk that
+        matches the query's own words keeps its place (replacing the query by its expansion cost exact-string
+        matches) while chunks that only an expansion term finds still come up. An unknown patient gives no hits.
         """
         _check_query(query)
         if mode not in SEARCH_MODES:
@@ -304,13 +306,15 @@ class NoteIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         terms = self.expander().expand(query).texts if expand else []
-        depth = k if mode != "hybrid" else max(k, FUSION_DEPTH)
+        depth = k if mode != "hybrid" and not terms else max(k, FUSION_DEPTH)
         rankings: list[list[tuple[str, float]]] = []
         if mode in ("dense", "hybrid"):
-            rankings.append(self._dense(query, terms, patient_id, depth))
+            rankings.extend(self._dense(query, terms, patient_id, depth))
         if mode in ("bm25", "hybrid"):
-            rankings.append(self._bm25_search(query, terms, patient_id, depth))
-        if mode == "hybrid":
+            rankings.append(self._bm25_search(query, [], patient_id, depth))
+            if terms:
+                rankings.append(self._bm25_search(query, terms, patient_id, depth))
+        if len(rankings) > 1:
             ranked = reciprocal_rank_fusion([[cid for cid, _ in r] for r in rankings], k=RRF_K)[:k]
         else:
             ranked = rankings[0][:k]
@@ -327,23 +331,30 @@ class NoteIndex:
             self._expander = QueryExpander(self.kg)
         return self._expander
 
-    def _dense(self, query: str, terms: Sequence[str], patient_id: str | None, depth: int) -> list[tuple[str, float]]:
+    def _dense(
+        self, query: str, terms: Sequence[str], patient_id: str | None, depth: int
+    ) -> list[list[tuple[str, float]]]:
+        """The query's ranking, then (with ``terms``) each chunk's best similarity to the query or any term."""
         count = self.collection.count()
         if count == 0:
-            return []
-        texts = [query, *terms]
-        vectors = self.embedder.encode(texts, batch_size=self.batch_size)
+            return [[]]
+        vectors = self.embedder.encode([query, *terms], batch_size=self.batch_size)
         where = {"patient_id": patient_id} if patient_id is not None else None
         result = self.collection.query(
             query_embeddings=vectors, n_results=min(depth, count), where=where, include=["distances"]
         )
+        per_text = [
+            [(cid, 1.0 - float(distance)) for cid, distance in zip(ids, distances, strict=True)]
+            for ids, distances in zip(result["ids"], result["distances"], strict=True)
+        ]
+        if not terms:
+            return per_text[:1]
         best: dict[str, float] = {}
-        for ids, distances in zip(result["ids"], result["distances"], strict=True):
-            for cid, distance in zip(ids, distances, strict=True):
-                similarity = 1.0 - float(distance)
+        for ranking in per_text:
+            for cid, similarity in ranking:
                 if similarity > best.get(cid, -2.0):
                     best[cid] = similarity
-        return sorted(best.items(), key=lambda item: -item[1])[:depth]
+        return [per_text[0], sorted(best.items(), key=lambda item: -item[1])[:depth]]
 
     def _bm25_search(
         self, query: str, terms: Sequence[str], patient_id: str | None, depth: int

@@ -112,8 +112,18 @@ def test_expansion_finds_an_abbreviation_only_mention(index):
     assert "crafted-mi" not in {h.patient_id for h in plain}  # the note only says "MI"
     expanded = index.search("myocardial infarction", k=3, mode="bm25", expand=True)
     assert expanded[0].patient_id == "crafted-mi"
-    hybrid = index.search("history of myocardial infarction", k=3, mode="hybrid", expand=True)
+    hybrid = index.search("myocardial infarction", k=3, mode="hybrid", expand=True)
     assert hybrid[0].patient_id == "crafted-mi"
+
+
+def test_expansion_ranks_beside_the_query_so_its_own_best_match_stays_first(index):
+    question = "history of myocardial infarction"
+    plain = [h.chunk_id for h in index.search(question, k=10, mode="bm25")]
+    expanded = index.search(question, k=10, mode="bm25", expand=True)
+    assert expanded[0].chunk_id == plain[0]  # the expansion terms do not push the query's best match down
+    expanded_patients = [h.patient_id for h in expanded]
+    assert "crafted-mi" in expanded_patients  # ...and the abbreviation-only note still comes up
+    assert "crafted-mi" not in {h.patient_id for h in index.search(question, k=10, mode="bm25")}
 
 
 def test_query_expander_terms(kg):
