@@ -343,6 +343,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     )
     step = 0
+    epoch_losses: list[float] = []  # kept in every checkpoint: local mode has no per-epoch metrics history
     for epoch in range(optim.epochs):
         if step >= total_steps:
             break
@@ -376,8 +377,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0 and step % PROGRESS_EVERY == 0:
                 recent = losses[-PROGRESS_EVERY:]
                 log.info("bi-encoder step %d/%d: loss %.3f", step, total_steps, sum(recent) / len(recent))
+        epoch_losses.append(float(sum(losses) / max(1, len(losses))))
         metrics = {
-            "train/loss": float(sum(losses) / max(1, len(losses))),
+            "train/loss": epoch_losses[-1],
             "train/steps": float(step),
             "epoch_seconds": time.perf_counter() - started,
         }
@@ -385,7 +387,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             metrics,
             epoch=epoch,
             state={"model": model.state_dict()},
-            meta={"checkpoints_to_keep": ray_config.checkpoints_to_keep, "steps": step, **loop_config["meta"]},
+            meta={
+                "checkpoints_to_keep": ray_config.checkpoints_to_keep,
+                "steps": step,
+                "train_loss": epoch_losses,
+                **loop_config["meta"],
+            },
             run_dir=ray_config.run_dir,
             local_mode=ray_config.num_workers == 0,
         )
@@ -458,7 +465,7 @@ def fit_bi_encoder(pairs: list[TrainingPair], config: BiEncoderTrainConfig, repo
     model.load_state_dict(state["model"])
     model.max_seq_length = max(model.max_seq_length or 0, train.max_seq_length)
     model.save(str(output_dir))
-    losses = [float(m["train/loss"]) for m in _epoch_metrics(result)]
+    losses = [float(x) for x in saved["train_loss"]]
     summary = {"base_model": str(base), **report, "steps": saved.get("steps"), "train_loss": losses}
     (output_dir / REPORT_FILE).write_text(json.dumps(summary, indent=2))
     return BiEncoderFit(
@@ -505,14 +512,6 @@ def train_retriever(
         raise ValueError(f"retriever training: only {len(pairs)} (entity, chunk) pairs from {len(chunks)} chunks")
     fit = fit_bi_encoder(pairs, config, {"pair_report": report.model_dump()})
     return RetrieverResult(**fit.model_dump(), pair_report=report, wall_seconds=time.perf_counter() - started)
-
-
-def _epoch_metrics(result: Any) -> list[dict[str, Any]]:
-    """Per-epoch metrics of the run (Ray's metrics dataframe when it has one, else the final report)."""
-    frame = getattr(result, "metrics_dataframe", None)
-    if frame is not None and len(frame) and "train/loss" in frame:
-        return frame.to_dict("records")
-    return [result.metrics] if result.metrics else []
 
 
 __all__ = [

@@ -92,3 +92,12 @@ def test_two_workers_train_the_grounding_encoder(ray_session, kg, tmp_path, monk
     pairs_per_worker = -(-result.pairs // 2)
     assert result.steps == -(-pairs_per_worker // 16)  # each worker stepped through its half of the pairs
     SentenceTransformerEmbedder(result.model_dir).encode(["fever"])
+
+
+def test_local_mode_keeps_the_whole_loss_curve(ray_session, kg, tmp_path, monkeypatch):
+    """Ray Train's local mode (0 workers, as the benchmarks run) keeps no metrics history; the checkpoint does."""
+    monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
+    result = train_grounding_encoder(_config(tmp_path, "grounding-local", epochs=2, num_workers=0), kg=kg)
+
+    assert len(result.train_loss) == 2 and all(np.isfinite(result.train_loss))
+    assert json.loads((result.model_dir / "ehrflow_retriever.json").read_text())["train_loss"] == result.train_loss
