@@ -5,6 +5,9 @@ Quality: for each open cohort (MIMIC-IV demo, MIMIC-III demo, Synthea CSV) the d
 with the GAMENet/SafeDrug drug mapping (``../shared/data/medrec``), split by patient 2/3, 1/6,
 1/6, every model is trained through ``train_medrec`` (Ray Train local mode, one process) and the
 best-validation-Jaccard checkpoint is scored with 10 bootstrap rounds of 80% of the test patients.
+NLA-MMR trains with SafeDrug's DDI loss at MedRecConfig's default target (``nlammr``, ``nlammr_gin``) and
+without it (``nlammr_no_ddi``); the baselines train as published, without it, like PyHealth's models and
+the rule, so ``nlammr_no_ddi`` is the like-for-like comparison and ``nlammr`` shows what the DDI control costs.
 The "previous visit's drugs" rule is scored on the same rounds. These cohorts are tiny (100
 patients each, of which 13-48 have two usable visits): the test sets hold 2-8 patients, so one
 split says little. Each seed in ``--seeds`` draws its own split (seed 0 is the protocol's) and
@@ -55,12 +58,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-MODELS = {  # benchmark name -> (model, molecule encoder)
-    "nlammr": ("nlammr", None),
-    "nlammr_gin": ("nlammr", "gin"),
-    "gamenet": ("gamenet", None),
-    "mlp": ("mlp", None),
-    "logreg": ("logreg", None),
+MODELS = {  # benchmark name -> (model, molecule encoder, SafeDrug DDI loss at MedRecConfig's target_ddi)
+    "nlammr": ("nlammr", None, True),
+    "nlammr_no_ddi": ("nlammr", None, False),
+    "nlammr_gin": ("nlammr", "gin", True),
+    "gamenet": ("gamenet", None, False),
+    "mlp": ("mlp", None, False),
+    "logreg": ("logreg", None, False),
 }
 MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
 PYHEALTH_VENV_PYTHON = REPO / ".venv-pyhealth" / "bin" / "python"
@@ -116,6 +120,17 @@ def _config(
     )
 
 
+def _model_config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Path, **extra: Any) -> MedRecConfig:
+    """``_config`` for a benchmark model name: its architecture, molecule encoder and DDI loss setting."""
+    architecture, molecules, ddi_loss = MODELS[model]
+    config = _config(dataset_dir, architecture, args, scratch, **extra)
+    if molecules is not None:
+        config.representations.molecule_method = molecules
+    if not ddi_loss:
+        config.target_ddi = None
+    return config
+
+
 def quality(
     cohort: str, args: argparse.Namespace, scratch: Path, out: dict[str, Any], save: Callable[[], None]
 ) -> None:
@@ -149,10 +164,7 @@ def quality(
         for model in args.models.split(","):
             t0 = time.perf_counter()
             name = f"{cohort}-{model}-seed{seed}"
-            architecture, molecules = MODELS[model]
-            config = _config(dataset_dir, architecture, args, scratch, seed=seed, name=name)
-            if molecules is not None:
-                config.representations.molecule_method = molecules
+            config = _model_config(dataset_dir, model, args, scratch, seed=seed, name=name)
             result = train_medrec(config)
             runs["split"] = result.n_patients
             runs["models"][model] = {
@@ -294,7 +306,7 @@ def throughput(args: argparse.Namespace, scratch: Path, out: dict[str, Any], sav
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(scratch / "ray"))
     for model in args.scale_models.split(","):
         for workers in (1, 2):
-            config = _config(
+            config = _model_config(
                 dataset_dir,
                 model,
                 args,
