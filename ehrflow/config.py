@@ -70,6 +70,8 @@ class ModelSettings(BaseModel):
     """Trained checkpoints the workflow's predict node uses (``ehrflow train ...`` writes them)."""
 
     fusion_checkpoint: Path | None = None
+    medrec_checkpoint: Path | None = None
+    """A medication-recommendation checkpoint (``ehrflow train medrec``): jobs' ``medications`` task."""
 
 
 class Settings(BaseSettings):

@@ -45,6 +45,40 @@ def physionet_stays(shared_data):
 
 
 @pytest.fixture(scope="session")
+def tiny_medrec(shared_data, tmp_path_factory):
+    """(store, checkpoint, config): a small NLA-MMR trained for two epochs (Ray Train local mode) on the MIMIC-IV
+    demo store, with the benchmark's drug mapping."""
+    from ehrflow.records import PatientStore
+    from ehrflow.records.ingest import ingest_path
+    from ehrflow.training.medrec import MedRecConfig, train_medrec
+
+    root = tmp_path_factory.mktemp("medrec-predictor")
+    store = PatientStore(root / "patients.db")
+    ingest_path(store, "mimic4", shared_data / "ehr" / "mimic4_demo")
+    medrec = shared_data / "medrec"
+    config = MedRecConfig.model_validate(
+        {
+            "store_url": f"sqlite:///{root / 'patients.db'}",
+            "data": {"mapping_dir": str(medrec), "ddi_pairs": str(medrec / "ddi_atc3_pairs.tsv"), "top_med": 60},
+            "model": "nlammr",
+            "dim": 16,
+            "epochs": 2,
+            "batch_size": 8,
+            "representations": {
+                "text_encoder": "hashed",
+                "use_kg": False,
+                "smiles_path": str(medrec / "atc3_smiles.tsv"),
+                "molecule_bits": 256,
+            },
+            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "predictor"},
+            "output_dir": str(root / "out"),
+        }
+    )
+    result = train_medrec(config)
+    return store, result.checkpoint, config
+
+
+@pytest.fixture(scope="session")
 def tiny_fusion_config():
     """``tiny_fusion_config(root, **fields)``: a one-step mortality model config (Ray Train local mode), enough
     to exercise checkpoint loading and prediction."""

@@ -67,10 +67,10 @@ class WorkflowDeps:
             entity_index.build(progress=progress)
         note_index = open_note_index(settings, client, kg, embedder)
         llm = llm if llm is not None else build_llm(settings.llm)
-        if predictor is None and settings.models.fusion_checkpoint:
-            from ehrflow.training.predictor import FusionPredictor
+        if predictor is None:
+            from ehrflow.training.predictor import PatientPredictor
 
-            predictor = FusionPredictor.from_checkpoint(settings.models.fusion_checkpoint)
+            predictor = PatientPredictor.from_settings(settings.models)
         return cls(
             store=PatientStore(settings.patient_store_url),
             kg=kg,

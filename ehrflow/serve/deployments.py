@@ -114,15 +114,16 @@ class RemoteEmbedder:
 
 @serve.deployment(name="Predictor")
 class PredictorDeployment:
-    """The trained fusion checkpoint (``models.fusion_checkpoint``) behind a handle."""
+    """The trained fusion and medication checkpoints (``models.*_checkpoint``) behind a handle."""
 
     def __init__(self, settings_json: str, cwd: str):
-        from ehrflow.training.predictor import FusionPredictor
+        from ehrflow.training.predictor import PatientPredictor
 
         settings = _restore(settings_json, cwd)
-        if settings.models.fusion_checkpoint is None:
-            raise ValueError("models.fusion_checkpoint: the Predictor deployment needs a trained checkpoint")
-        self.predictor = FusionPredictor.from_checkpoint(settings.models.fusion_checkpoint)
+        predictor = PatientPredictor.from_settings(settings.models)
+        if predictor is None:
+            raise ValueError("models: the Predictor deployment needs fusion_checkpoint or medrec_checkpoint")
+        self.predictor = predictor
 
     def predict(self, patient: Any, summary: Any) -> dict[str, Any]:
         """``{"predictions": ...}``, or ``{"unavailable": reason}`` for a patient the model cannot score."""
@@ -235,8 +236,10 @@ def build_application(settings: Settings, serve_cfg: ServeSettings | None = None
     if cfg.embedder_deployment:
         embedder = EmbedderDeployment.options(**cfg.embedder.as_options()).bind(settings_json, cwd)
     if cfg.predictor_deployment:
-        if settings.models.fusion_checkpoint is None:
-            raise ValueError("serve.predictor_deployment needs models.fusion_checkpoint (a trained fusion model)")
+        if settings.models.fusion_checkpoint is None and settings.models.medrec_checkpoint is None:
+            raise ValueError(
+                "serve.predictor_deployment needs models.fusion_checkpoint or models.medrec_checkpoint (a trained model)"
+            )
         predictor = PredictorDeployment.options(**cfg.predictor.as_options()).bind(settings_json, cwd)
     workflow = WorkflowDeployment.options(**cfg.workflow.as_options()).bind(
         settings_json, serve_json, cwd, llm, embedder, predictor

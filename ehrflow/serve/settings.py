@@ -65,7 +65,7 @@ class ServeSettings(BaseModel):
     """Encode notes and queries in one ``Embedder`` deployment shared by the workflow replicas."""
     embedder: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     predictor_deployment: bool = False
-    """Score patients in a ``Predictor`` deployment holding ``models.fusion_checkpoint``."""
+    """Score patients in a ``Predictor`` deployment holding ``models.fusion_checkpoint`` and ``models.medrec_checkpoint``."""
     predictor: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
 
     def resolved_jobs_url(self, settings: Settings) -> str:

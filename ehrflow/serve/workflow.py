@@ -67,8 +67,15 @@ def job_result(tasks: list[str], states: dict[str, Any]) -> dict[str, Any]:
                 seen.setdefault(g.node_id, {"node_id": g.node_id, "name": g.node_name, "type": g.node_type})
         result["phenotypes"] = list(seen.values())
     if "medications" in tasks:
-        meds = {k: v for k, v in first.predictions.items() if k.startswith("medication:")}
-        result["medications"] = {"available": bool(meds), "scores": meds}
+        recommended = [
+            {"drug": k.removeprefix("medication:"), "probability": v}
+            for k, v in first.predictions.items()
+            if k.startswith("medication:")
+        ]
+        result["medications"] = {
+            "available": "medications_recommended" in first.predictions,
+            "recommended": sorted(recommended, key=lambda r: -r["probability"]),
+        }
     return result
 
 

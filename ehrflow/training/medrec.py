@@ -346,7 +346,7 @@ def prepare_data(config: MedRecConfig) -> tuple[MedRecDataset, Representations |
     return dataset, reps, data_dir
 
 
-def _load_prepared(data_dir: Path) -> tuple[MedRecDataset, Representations | None, dict[str, list[int]]]:
+def load_prepared(data_dir: Path) -> tuple[MedRecDataset, Representations | None, dict[str, list[int]]]:
     dataset = MedRecDataset.load(data_dir)
     reps_path = data_dir / "representations.npz"
     reps = Representations.load(reps_path) if reps_path.exists() else None
@@ -363,7 +363,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     config = MedRecConfig.model_validate_json(loop_config["config_json"])
     data_dir = Path(loop_config["data_dir"])
-    dataset, reps, split = _load_prepared(data_dir)
+    dataset, reps, split = load_prepared(data_dir)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config.seed)
@@ -487,7 +487,7 @@ def evaluate_medrec(
     """Score a checkpoint with the bootstrap protocol; a user's DDI matrix (``.npy``) or pairs file may replace the dataset's."""
     state, meta = load_state(checkpoint)
     config = MedRecConfig.model_validate(meta["config"])
-    dataset, reps, splits = _load_prepared(Path(data_dir or meta["data_dir"]))
+    dataset, reps, splits = load_prepared(Path(data_dir or meta["data_dir"]))
     if ddi_matrix is not None or ddi_pairs is not None:
         dataset.ddi = load_ddi(
             dataset.med_vocab, Path(ddi_pairs) if ddi_pairs else None, Path(ddi_matrix) if ddi_matrix else None
@@ -525,6 +525,7 @@ __all__ = [
     "ddi_rate",
     "evaluate_medrec",
     "drug_log_odds",
+    "load_prepared",
     "prepare_data",
     "best_checkpoint",
     "train_medrec",

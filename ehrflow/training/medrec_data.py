@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from ehrflow.records.errors import RecordError
-from ehrflow.records.model import Admission, Code, MedicationOrder, Patient
+from ehrflow.records.model import Admission, Code, MedicationOrder, Note, Patient
 from ehrflow.records.store import CohortFilter, PatientStore
 
 if TYPE_CHECKING:
@@ -312,8 +312,40 @@ def _code_key(code: Code) -> str:
     return f"{code.system}:{code.code}"
 
 
-def _visit_time(adm: Admission) -> dt.datetime:
+def visit_time(adm: Admission) -> dt.datetime:
+    """Sort key of visits: admission time, undated admissions last."""
     return adm.admit_time or dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def visit_codes(adm: Admission) -> tuple[list[str], list[str]]:
+    """The admission's diagnosis and procedure keys (``SYSTEM:code``), first occurrence order, no repeats."""
+    return (
+        list(dict.fromkeys(_code_key(c) for c in adm.diagnoses)),
+        list(dict.fromkeys(_code_key(c) for c in adm.procedures)),
+    )
+
+
+def order_drug(
+    order: MedicationOrder, mapper: DrugMapper | None, unmapped_drugs: Literal["drop", "rxnorm-or-name"]
+) -> tuple[str | None, str]:
+    """(drug key or None, the route that mapped it): ATC-3 through ``mapper``, else RxNorm/name if allowed."""
+    drug, route = mapper.atc3(order) if mapper is not None else (None, "unmapped")
+    if drug is None and unmapped_drugs == "rxnorm-or-name":
+        drug, route = (f"RXNORM:{order.rxnorm}", "rxnorm-code") if order.rxnorm else (drug_name_key(order.name), "name")
+    return drug, route
+
+
+def note_codes(extractor, kg, notes: Sequence[Note]) -> tuple[dict[str, str], int]:  # noqa: ANN001
+    """``NOTE:<node id>`` -> node name for the conditions the extraction agent finds, and how many it skipped
+    (negated or about a relative)."""
+    found: dict[str, str] = {}
+    skipped = 0
+    for entity in extractor(notes):
+        if entity.negated or entity.family or entity.candidate_node_id is None:
+            skipped += 1
+            continue
+        found.setdefault(f"NOTE:{entity.candidate_node_id}", kg.get(entity.candidate_node_id).name)
+    return found, skipped
 
 
 def _top_k_vocab(counts: Counter[str], k: int) -> list[str]:
@@ -321,7 +353,7 @@ def _top_k_vocab(counts: Counter[str], k: int) -> list[str]:
     return [PAD, OOV, *(w for w, _ in ranked)]
 
 
-def _note_conditions(kg):  # noqa: ANN001, ANN202 - the KG type is optional at import time
+def note_extractor(kg):  # noqa: ANN001, ANN202 - the KG type is optional at import time
     """The extraction agent's lexical pass, restricted to conditions (symptoms, phenotypes, diseases)."""
     from ehrflow.agents.extraction import ExtractionAgent, ExtractionConfig
 
@@ -343,7 +375,7 @@ def build_dataset(
         mapper = DrugMapper.from_dir(config.mapping_dir)
     extractor = None
     if config.symptoms_from_notes:
-        kg, extractor = _note_conditions(kg)
+        kg, extractor = note_extractor(kg)
     report = DatasetReport()
     routes: Counter[str] = Counter()
     titles: dict[str, str] = {}
@@ -352,25 +384,15 @@ def build_dataset(
     for patient in patients:
         report.patients_seen += 1
         visits: list[tuple[list[str], list[str], list[str]]] = []
-        for adm in sorted(patient.admissions, key=_visit_time):
-            diags = list(dict.fromkeys(_code_key(c) for c in adm.diagnoses))
-            procs = list(dict.fromkeys(_code_key(c) for c in adm.procedures))
+        for adm in sorted(patient.admissions, key=visit_time):
+            diags, procs = visit_codes(adm)
             for c in (*adm.diagnoses, *adm.procedures):
                 if c.description:
                     titles.setdefault(_code_key(c), c.description)
             meds: list[str] = []
             for order in adm.medications:
                 report.orders_seen += 1
-                drug, route = mapper.atc3(order) if mapper is not None else (None, "unmapped")
-                if drug is None and config.unmapped_drugs == "rxnorm-or-name":
-                    drug, route = (
-                        (f"RXNORM:{order.rxnorm}", "rxnorm-code")
-                        if order.rxnorm
-                        else (
-                            drug_name_key(order.name),
-                            "name",
-                        )
-                    )
+                drug, route = order_drug(order, mapper, config.unmapped_drugs)
                 routes[route] += 1
                 if drug is None:
                     report.orders_dropped_unmapped += 1
@@ -382,15 +404,13 @@ def build_dataset(
                 report.visits_without_codes_or_drugs += 1
                 continue
             if extractor is not None and adm.notes:
-                for entity in extractor(adm.notes):
-                    if entity.negated or entity.family or entity.candidate_node_id is None:
-                        report.note_mentions_skipped += 1
-                        continue
-                    key = f"NOTE:{entity.candidate_node_id}"
+                mentions, skipped = note_codes(extractor, kg, adm.notes)
+                report.note_mentions_skipped += skipped
+                for key, title in mentions.items():
                     if key not in diags:
                         diags.append(key)
                         report.note_mentions += 1
-                        titles.setdefault(key, kg.get(entity.candidate_node_id).name)
+                        titles.setdefault(key, title)
             visits.append((diags, procs, meds))
         if len(visits) < config.min_visits:
             report.patients_below_min_visits += 1
@@ -740,9 +760,14 @@ __all__ = [
     "import_gamenet",
     "load_ddi",
     "ndc11",
+    "note_codes",
+    "note_extractor",
+    "order_drug",
     "read_ddi_pairs",
     "RepresentationConfig",
     "Representations",
     "build_representations",
     "split_by_patient",
+    "visit_codes",
+    "visit_time",
 ]

@@ -8,6 +8,13 @@ admission exactly as training did and returns one probability per output:
 The workflow summary (``HealthSummary.text``, the same text ``WorkflowResultStore.summaries`` gives
 the trainer) is the summary modality when the model has one; without a summary the model falls
 back to its other inputs, as it did for training stays without one.
+
+``MedicationPredictor.from_checkpoint(path)`` loads a medication-recommendation checkpoint
+(``ehrflow train medrec``) and scores the patient's most recent admission with diagnosis codes,
+given the drugs of the admissions before it, with the same code keys, drug mapping and vocabulary
+as training: ``{"medication:<drug>": p, ...}`` for the drugs at or above the checkpoint's
+threshold, plus ``"medications_recommended"`` (how many). ``PatientPredictor`` runs whichever of the
+two models are configured (``models.fusion_checkpoint``, ``models.medrec_checkpoint``) as one callable.
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from ehrflow.records.model import Admission, Patient
 from ehrflow.training.features import FeatureReport, Normalizer, TextEncoder, extract_stays, load_text_encoder
 from ehrflow.training.fusion import FusionTrainConfig, load_fusion_model, predict, to_tensors
 
 if TYPE_CHECKING:
     from ehrflow.agents.types import HealthSummary
+    from ehrflow.config import ModelSettings
     from ehrflow.models.fusion import FusionModel
+    from ehrflow.training.medrec import MedRecConfig
+    from ehrflow.training.medrec_data import DrugMapper
 
 log = logging.getLogger(__name__)
 
@@ -113,4 +126,135 @@ class FusionPredictor:
         return out
 
 
-__all__ = ["FusionPredictor", "PredictionUnavailable", "last_inpatient_admission"]
+class MedicationPredictor:
+    """Callable ``patient -> {"medication:<drug>": probability}`` over a trained medication-recommendation model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: MedRecConfig,
+        diag_vocab: list[str],
+        proc_vocab: list[str],
+        med_vocab: list[str],
+        mapper: DrugMapper | None,
+    ) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.diag_index = {w: i for i, w in enumerate(diag_vocab)}
+        self.proc_index = {w: i for i, w in enumerate(proc_vocab)}
+        self.med_vocab = med_vocab
+        self.med_index = {w: i for i, w in enumerate(med_vocab)}
+        self.mapper = mapper
+        self._notes: tuple[Any, Any] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> MedicationPredictor:
+        """The model of a medrec checkpoint, with the vocabularies and drug mapping its training used."""
+        from ehrflow.training.medrec import MedRecConfig, build_model, load_prepared
+        from ehrflow.training.medrec_data import DrugMapper
+        from ehrflow.training.ray_utils import load_state
+
+        state, meta = load_state(path)
+        config = MedRecConfig.model_validate(meta["config"])
+        dataset, reps, splits = load_prepared(Path(meta["data_dir"]))
+        model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
+        model.load_state_dict(state)
+        mapper = DrugMapper.from_dir(config.data.mapping_dir) if config.data.mapping_dir is not None else None
+        return cls(model, config, dataset.diag_vocab, dataset.proc_vocab, dataset.med_vocab, mapper)
+
+    def _note_codes(self, admission: Admission) -> list[str]:
+        from ehrflow.training.medrec_data import note_codes, note_extractor
+
+        if not self.config.data.symptoms_from_notes or not admission.notes:
+            return []
+        if self._notes is None:
+            self._notes = note_extractor(None)
+        kg, extractor = self._notes
+        return list(note_codes(extractor, kg, admission.notes)[0])
+
+    def _encode(self, admission: Admission, with_drugs: bool) -> tuple[list[int], list[int], list[int]]:
+        """One visit as vocabulary ids (diagnoses, procedures, and with ``with_drugs`` its drugs in the vocabulary)."""
+        from ehrflow.training.medrec_data import OOV, order_drug, visit_codes
+
+        diags, procs = visit_codes(admission)
+        diags += [key for key in self._note_codes(admission) if key not in diags]
+        meds: list[int] = []
+        if with_drugs:
+            for order in admission.medications:
+                drug, _ = order_drug(order, self.mapper, self.config.data.unmapped_drugs)
+                if drug in self.med_index:
+                    meds.append(self.med_index[drug])
+        return (
+            list(dict.fromkeys(self.diag_index.get(c, OOV) for c in diags)),
+            list(dict.fromkeys(self.proc_index.get(c, OOV) for c in procs)),
+            list(dict.fromkeys(meds)),
+        )
+
+    @torch.no_grad()
+    def probabilities(self, patient: Patient) -> np.ndarray:
+        """Every drug's probability (``med_vocab`` order) for the latest admission with diagnoses, given the
+        drugs of the admissions before it; raises ``PredictionUnavailable``."""
+        from ehrflow.models.medrec import collate
+        from ehrflow.training.medrec_data import visit_time
+
+        admissions = sorted(patient.admissions, key=visit_time)
+        target = next((i for i in range(len(admissions) - 1, -1, -1) if admissions[i].diagnoses), None)
+        if target is None:
+            raise PredictionUnavailable("the patient has no admission with diagnosis codes to recommend drugs for")
+        # earlier visits count as training counted them: with diagnoses and a drug in the vocabulary
+        history = [v for a in admissions[:target] if (v := self._encode(a, with_drugs=True))[0] and v[2]]
+        visits = [*history, self._encode(admissions[target], with_drugs=False)]
+        log.debug("medication predictor: %d earlier visits used for admission %s", len(history), admissions[target].id)
+        return torch.sigmoid(self.model(collate([visits], len(self.med_vocab))))[0, -1].numpy()
+
+    def __call__(self, patient: Patient, summary: HealthSummary | None = None) -> dict[str, float]:
+        """The recommended drugs (probability >= the checkpoint's threshold), best first, and how many."""
+        probabilities = self.probabilities(patient)
+        chosen = sorted(np.flatnonzero(probabilities >= self.config.threshold), key=lambda i: -probabilities[i])
+        return {
+            **{f"medication:{self.med_vocab[i]}": float(probabilities[i]) for i in chosen},
+            "medications_recommended": float(len(chosen)),
+        }
+
+
+class PatientPredictor:
+    """The configured models as one callable: fusion outcomes and medication recommendations in one dict.
+
+    A model that cannot score the patient is left out; ``PredictionUnavailable`` only when none can.
+    """
+
+    def __init__(self, fusion: FusionPredictor | None = None, medications: MedicationPredictor | None = None) -> None:
+        self.models = [m for m in (fusion, medications) if m is not None]
+        if not self.models:
+            raise ValueError("PatientPredictor needs at least one model")
+
+    @classmethod
+    def from_settings(cls, models: ModelSettings) -> PatientPredictor | None:
+        """Both checkpoints the settings name, or ``None`` when they name neither."""
+        if models.fusion_checkpoint is None and models.medrec_checkpoint is None:
+            return None
+        return cls(
+            FusionPredictor.from_checkpoint(models.fusion_checkpoint) if models.fusion_checkpoint else None,
+            MedicationPredictor.from_checkpoint(models.medrec_checkpoint) if models.medrec_checkpoint else None,
+        )
+
+    def __call__(self, patient: Patient, summary: HealthSummary | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        reasons: list[str] = []
+        for model in self.models:
+            try:
+                out.update(model(patient, summary))
+            except PredictionUnavailable as err:
+                reasons.append(str(err))
+        if not out:
+            raise PredictionUnavailable("; ".join(reasons))
+        return out
+
+
+__all__ = [
+    "FusionPredictor",
+    "MedicationPredictor",
+    "PatientPredictor",
+    "PredictionUnavailable",
+    "last_inpatient_admission",
+]

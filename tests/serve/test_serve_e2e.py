@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from ehrflow.records.model import Code
 from ehrflow.serve.client import EhrflowClient
 
 from .conftest import tiny_patient
@@ -36,7 +37,7 @@ def deploy(settings, cfg):
     wait_ready(f"http://127.0.0.1:{PORT}", timeout_s=300)
 
 
-def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_config):
+def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_config, tiny_medrec):
     from ray import serve
 
     from ehrflow.config import get_settings
@@ -49,10 +50,13 @@ def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_c
     settings = get_settings(
         home=tmp_path / "home",
         grounding={"mode": "lexical"},
-        models={"fusion_checkpoint": train_fusion(tiny_fusion_config(tmp_path), stays).checkpoint},
+        models={
+            "fusion_checkpoint": train_fusion(tiny_fusion_config(tmp_path), stays).checkpoint,
+            "medrec_checkpoint": tiny_medrec[1],
+        },
     )
     settings.home.mkdir()
-    # the embedder and the trained model run in their own deployments, called by the Workflow replica
+    # the embedder and the trained models run in their own deployments, called by the Workflow replica
     cfg = ServeSettings(
         port=PORT,
         app_name=APP,
@@ -83,10 +87,14 @@ def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_c
         assert statements and all(s["citations"] for s in statements)
         nodes_once(done)
 
+        # one Predictor deployment holds both models: the stay gets a diagnosis so the medication model scores it
+        stays[0].admissions[0].diagnoses.append(Code(system="ICD10CM", code="I10", description="Hypertension"))
         (stay_id,) = client.post_patient(stays[0].model_dump(mode="json"))["patient_ids"]
-        scored = client.wait_job(client.submit_job(stay_id, ["mortality"])["id"], timeout_s=300)
+        scored = client.wait_job(client.submit_job(stay_id, ["mortality", "medications"])["id"], timeout_s=300)
         assert scored["status"] == "succeeded", scored["error"]
         assert scored["result"]["mortality"]["available"] and 0 < scored["result"]["mortality"]["probability"] < 1
+        medications = scored["result"]["medications"]
+        assert medications["available"] and all(0.5 <= m["probability"] <= 1 for m in medications["recommended"])
 
         answer = client.chat(pid, "Is there any chest pain?")
         assert not answer["no_evidence"] and answer["evidence"] and answer["citations"]

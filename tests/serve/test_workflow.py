@@ -42,5 +42,12 @@ def test_job_result_keeps_citations_and_drops_negated_phenotypes():
     assert result["summary"]["statements"][0]["citations"] == ["HP:0002153"]
     assert result["mortality"] == {"summary": None, "probability": 0.25, "available": True}
     assert result["phenotypes"] == [{"node_id": "HP:0002153", "name": "HP:0002153", "type": "effect/phenotype"}]
-    assert result["medications"] == {"available": False, "scores": {}}
+    assert result["medications"] == {"available": False, "recommended": []}
     assert result["runs"]["general"]["nodes"][0]["node"] == "report"
+
+    general.predictions = {"medication:N02B": 0.6, "medication:C07A": 0.9, "medications_recommended": 2.0}
+    medications = job_result(["medications"], {"general": general})["medications"]
+    assert medications == {
+        "available": True,
+        "recommended": [{"drug": "C07A", "probability": 0.9}, {"drug": "N02B", "probability": 0.6}],
+    }
