@@ -5,9 +5,10 @@ Quality: for each open cohort (MIMIC-IV demo, MIMIC-III demo, Synthea CSV) the d
 with the GAMENet/SafeDrug drug mapping (``../shared/data/medrec``), split by patient 2/3, 1/6,
 1/6, every model is trained through ``train_medrec`` (Ray Train local mode, one process) and the
 best-validation-Jaccard checkpoint is scored with 10 bootstrap rounds of 80% of the test patients.
-NLA-MMR trains with SafeDrug's DDI loss at MedRecConfig's default target (``nlammr``, ``nlammr_gin``) and
-without it (``nlammr_no_ddi``); the baselines train as published, without it, like PyHealth's models and
-the rule, so ``nlammr_no_ddi`` is the like-for-like comparison and ``nlammr`` shows what the DDI control costs.
+NLA-MMR trains with SafeDrug's DDI loss at MedRecConfig's default target (``nlammr``, ``nlammr_gin``),
+without it (``nlammr_no_ddi``), and without it but with the prediction-time ``ddi_guard`` at that rate
+(``nlammr_ddi_guard``); the baselines train as published, without either, like PyHealth's models and the
+rule, so ``nlammr_no_ddi`` is the like-for-like comparison and the other two show what DDI control costs.
 The "previous visit's drugs" rule is scored on the same rounds. These cohorts are tiny (100
 patients each, of which 13-48 have two usable visits): the test sets hold 2-8 patients, so one
 split says little. Each seed in ``--seeds`` draws its own split (seed 0 is the protocol's) and
@@ -58,13 +59,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-MODELS = {  # benchmark name -> (model, molecule encoder, SafeDrug DDI loss at MedRecConfig's target_ddi)
-    "nlammr": ("nlammr", None, True),
-    "nlammr_no_ddi": ("nlammr", None, False),
-    "nlammr_gin": ("nlammr", "gin", True),
-    "gamenet": ("gamenet", None, False),
-    "mlp": ("mlp", None, False),
-    "logreg": ("logreg", None, False),
+# benchmark name -> (model, molecule encoder, DDI control): "loss" is SafeDrug's DDI loss at MedRecConfig's
+# target_ddi, "guard" the prediction-time ddi_guard at that same rate, None neither
+MODELS: dict[str, tuple[str, str | None, str | None]] = {
+    "nlammr": ("nlammr", None, "loss"),
+    "nlammr_no_ddi": ("nlammr", None, None),
+    "nlammr_ddi_guard": ("nlammr", None, "guard"),
+    "nlammr_gin": ("nlammr", "gin", "loss"),
+    "gamenet": ("gamenet", None, None),
+    "mlp": ("mlp", None, None),
+    "logreg": ("logreg", None, None),
 }
 MIMIC3_TABLES = ("ADMISSIONS", "PATIENTS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES")
 PYHEALTH_VENV_PYTHON = REPO / ".venv-pyhealth" / "bin" / "python"
@@ -122,11 +126,13 @@ def _config(
 
 def _model_config(dataset_dir: Path, model: str, args: argparse.Namespace, scratch: Path, **extra: Any) -> MedRecConfig:
     """``_config`` for a benchmark model name: its architecture, molecule encoder and DDI loss setting."""
-    architecture, molecules, ddi_loss = MODELS[model]
+    architecture, molecules, ddi_control = MODELS[model]
     config = _config(dataset_dir, architecture, args, scratch, **extra)
     if molecules is not None:
         config.representations.molecule_method = molecules
-    if not ddi_loss:
+    if ddi_control == "guard":
+        config.ddi_guard = config.target_ddi
+    if ddi_control != "loss":
         config.target_ddi = None
     return config
 

@@ -89,6 +89,11 @@ class MedRecConfig(BaseModel):
     """SafeDrug's controllable DDI loss target; ``None`` trains on accuracy alone."""
     kp: float = Field(0.05, gt=0)
     threshold: float = Field(0.5, gt=0, lt=1)
+    ddi_guard: float | None = Field(None, ge=0, le=1)
+    """At prediction, the highest share of a visit's recommended drug pairs that may interact: the least likely
+    drug of an interacting pair is dropped until the visit is at or under it (``ddi_guard_probs``). ``None``: off.
+    Unlike ``target_ddi`` it holds for every visit whatever the model learnt; it costs the interacting drugs
+    patients really get."""
     seed: int = 0
     ray: RayTrainConfig = Field(default_factory=lambda: RayTrainConfig(name="medrec", checkpoints_to_keep=2))
     """Workers (0: Train V2 local mode, in-process), GPU, and where checkpoints go (``storage_path/name``)."""
@@ -165,6 +170,33 @@ def ddi_rate(pred_sets: Sequence[np.ndarray], ddi: np.ndarray | None) -> float:
         if k > 1:
             bad += int(np.triu(ddi[np.ix_(drugs, drugs)] > 0, 1).sum())
     return bad / pairs if pairs else 0.0
+
+
+def ddi_guard_probs(probs: np.ndarray, ddi: np.ndarray, limit: float, threshold: float) -> np.ndarray:
+    """``probs`` ``[T, M]`` with drugs dropped below ``threshold`` until each visit's share of interacting pairs
+    among its recommended drugs is at most ``limit``; each step drops the least likely drug that interacts with
+    another recommended one. Dropped drugs keep their rank order just under the threshold (in float64: float32 has
+    no room under it)."""
+    out = probs.astype(np.float64)
+    below = np.nextafter(threshold, 0.0)
+    for row in out:
+        chosen = np.flatnonzero(row >= threshold)
+        while len(chosen) > 1:
+            interacting = np.triu(ddi[np.ix_(chosen, chosen)] > 0, 1)
+            if interacting.sum() <= limit * len(chosen) * (len(chosen) - 1) / 2:
+                break
+            involved = chosen[(interacting | interacting.T).any(1)]
+            drop = involved[np.argmin(row[involved])]
+            row[drop] = below * (1.0 - 1e-6 * (1.0 - row[drop]))  # below the threshold, order kept
+            chosen = chosen[chosen != drop]
+    return out
+
+
+def guarded(config: MedRecConfig, ddi: np.ndarray | None, probs: list[np.ndarray]) -> list[np.ndarray]:
+    """The per-patient probabilities after ``config.ddi_guard`` (unchanged when it is off or there is no DDI matrix)."""
+    if config.ddi_guard is None or ddi is None:
+        return probs
+    return [ddi_guard_probs(p, ddi, config.ddi_guard, config.threshold) for p in probs]
 
 
 def cohort_metrics(
@@ -401,7 +433,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             losses.append(float(loss.detach()))
         train_seconds = time.perf_counter() - start
         truths, probs = predict(core, dataset, split["val"], device)
-        val = cohort_metrics(truths, probs, dataset.ddi, config.threshold)
+        val = cohort_metrics(truths, guarded(config, dataset.ddi, probs), dataset.ddi, config.threshold)
         metrics = {"train_loss": float(np.mean(losses)), "train_seconds": train_seconds}
         metrics.update({f"val_{k}": v for k, v in val.items()})
         history.append({"epoch": epoch, **metrics})
@@ -498,6 +530,7 @@ def evaluate_medrec(
     model.to(device)
     patients = splits[split]
     truths, probs = predict(model, dataset, patients, device)
+    probs = guarded(config, dataset.ddi, probs)
     kwargs = {
         "rounds": rounds or config.bootstrap_rounds,
         "fraction": fraction or config.bootstrap_fraction,
@@ -522,8 +555,10 @@ __all__ = [
     "MetricSummary",
     "bootstrap_rounds",
     "cohort_metrics",
+    "ddi_guard_probs",
     "ddi_rate",
     "evaluate_medrec",
+    "guarded",
     "drug_log_odds",
     "load_prepared",
     "prepare_data",

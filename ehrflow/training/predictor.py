@@ -137,6 +137,7 @@ class MedicationPredictor:
         proc_vocab: list[str],
         med_vocab: list[str],
         mapper: DrugMapper | None,
+        ddi: np.ndarray | None = None,
     ) -> None:
         self.model = model.eval()
         self.config = config
@@ -145,6 +146,7 @@ class MedicationPredictor:
         self.med_vocab = med_vocab
         self.med_index = {w: i for i, w in enumerate(med_vocab)}
         self.mapper = mapper
+        self.ddi = ddi
         self._notes: tuple[Any, Any] | None = None
 
     @classmethod
@@ -160,7 +162,7 @@ class MedicationPredictor:
         model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
         model.load_state_dict(state)
         mapper = DrugMapper.from_dir(config.data.mapping_dir) if config.data.mapping_dir is not None else None
-        return cls(model, config, dataset.diag_vocab, dataset.proc_vocab, dataset.med_vocab, mapper)
+        return cls(model, config, dataset.diag_vocab, dataset.proc_vocab, dataset.med_vocab, mapper, dataset.ddi)
 
     def _note_codes(self, admission: Admission) -> list[str]:
         from ehrflow.training.medrec_data import note_codes, note_extractor
@@ -193,8 +195,9 @@ class MedicationPredictor:
     @torch.no_grad()
     def probabilities(self, patient: Patient) -> np.ndarray:
         """Every drug's probability (``med_vocab`` order) for the latest admission with diagnoses, given the
-        drugs of the admissions before it; raises ``PredictionUnavailable``."""
+        drugs of the admissions before it, after the checkpoint's ``ddi_guard``; raises ``PredictionUnavailable``."""
         from ehrflow.models.medrec import collate
+        from ehrflow.training.medrec import guarded
         from ehrflow.training.medrec_data import visit_time
 
         admissions = sorted(patient.admissions, key=visit_time)
@@ -205,7 +208,8 @@ class MedicationPredictor:
         history = [v for a in admissions[:target] if (v := self._encode(a, with_drugs=True))[0] and v[2]]
         visits = [*history, self._encode(admissions[target], with_drugs=False)]
         log.debug("medication predictor: %d earlier visits used for admission %s", len(history), admissions[target].id)
-        return torch.sigmoid(self.model(collate([visits], len(self.med_vocab))))[0, -1].numpy()
+        probabilities = torch.sigmoid(self.model(collate([visits], len(self.med_vocab))))[0].numpy()
+        return guarded(self.config, self.ddi, [probabilities])[0][-1]
 
     def __call__(self, patient: Patient, summary: HealthSummary | None = None) -> dict[str, float]:
         """The recommended drugs (probability >= the checkpoint's threshold), best first, and how many."""

@@ -62,3 +62,9 @@ def test_earlier_visits_change_the_recommendation_and_a_patient_without_diagnose
     with pytest.raises(PredictionUnavailable, match="no admission with diagnosis codes"):
         combined(no_codes)
     assert PatientPredictor.from_settings(ModelSettings()) is None
+
+    guarded = MedicationPredictor.from_checkpoint(checkpoint)
+    guarded.config = config.model_copy(update={"ddi_guard": 0.0, "threshold": 0.2})
+    recommended = [k.removeprefix("medication:") for k in guarded(patient) if k.startswith("medication:")]
+    index = [guarded.med_index[d] for d in recommended]
+    assert len(index) > 1 and not guarded.ddi[np.ix_(index, index)].any()  # no interacting pair is recommended

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from ehrflow.models.medrec import NLAMMR, GAMENet, MultiHotLinear, collate, ddi_rate_of, medrec_loss
-from ehrflow.training.medrec import bootstrap_rounds, cohort_metrics, ddi_rate, drug_log_odds, visit_metrics
+from ehrflow.training.medrec import (
+    bootstrap_rounds,
+    cohort_metrics,
+    ddi_guard_probs,
+    ddi_rate,
+    drug_log_odds,
+    visit_metrics,
+)
 
 
 def test_visit_metrics_by_hand():
@@ -44,6 +51,31 @@ def test_ddi_rate_counts_interacting_pairs_within_visits():
     assert math.isnan(ddi_rate([np.array([0, 1])], None))
     pred = torch.tensor([[1.0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]])
     assert ddi_rate_of(pred, torch.as_tensor(ddi, dtype=torch.float32)) == pytest.approx(2 / 4)
+
+
+def test_ddi_guard_drops_the_least_likely_interacting_drug():
+    ddi = np.zeros((4, 4))
+    ddi[0, 1] = ddi[1, 0] = 1.0
+    probs = np.array([[0.9, 0.7, 0.8, 0.1], [0.9, 0.2, 0.8, 0.1]])
+    strict = ddi_guard_probs(probs, ddi, limit=0.0, threshold=0.5)
+    assert [set(np.flatnonzero(r >= 0.5)) for r in strict] == [{0, 2}, {0, 2}]  # drug 1 (0.7 < 0.9) goes
+    assert 0.49 < strict[0, 1] < 0.5 and strict[0, 3] == 0.1 and (strict[1] == probs[1]).all()
+    lenient = ddi_guard_probs(probs, ddi, limit=1 / 3, threshold=0.5)  # 1 interacting pair of 3 is allowed
+    assert (lenient == probs).all()
+
+
+def test_ddi_guard_keeps_every_visit_under_the_limit():
+    rng = np.random.default_rng(0)
+    upper = np.triu(rng.random((30, 30)) < 0.15, 1)
+    ddi = (upper | upper.T).astype(float)
+    probs = rng.random((200, 30)).astype(np.float32)  # as the models output
+    for limit in (0.0, 0.05, 0.2):
+        guarded = ddi_guard_probs(probs, ddi, limit=limit, threshold=0.5)
+        rows = [np.flatnonzero(r >= 0.5) for r in guarded]
+        assert max(ddi_rate([r], ddi) for r in rows) <= limit + 1e-12
+        assert ddi_rate(rows, ddi) < ddi_rate([np.flatnonzero(r >= 0.5) for r in probs], ddi)
+        kept = guarded >= 0.5
+        assert (probs[kept] == guarded[kept]).all() and not (kept & (probs < 0.5)).any()
 
 
 def test_bootstrap_is_seeded_and_has_spread():
