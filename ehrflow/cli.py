@@ -336,8 +336,20 @@ def train_medrec_cmd(config_path: Path) -> None:
 @click.option("--ddi-matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--rounds", type=int, default=None, help="Bootstrap rounds (default: the run's, 10).")
 @click.option("--baselines", is_flag=True, help="Also score the baselines on the same rounds.")
+@click.option(
+    "--ddi-guard",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Cap each visit's interacting-pair share at prediction (default: the run's ddi_guard).",
+)
 def eval_medrec_cmd(
-    checkpoint: Path, split: str, ddi_pairs: Path | None, ddi_matrix: Path | None, rounds: int | None, baselines: bool
+    checkpoint: Path,
+    split: str,
+    ddi_pairs: Path | None,
+    ddi_matrix: Path | None,
+    rounds: int | None,
+    baselines: bool,
+    ddi_guard: float | None,
 ) -> None:
     """Jaccard, F1, PRAUC, DDI rate and #drugs (mean +- sd over bootstrap rounds of test patients)."""
     from pydantic import BaseModel
@@ -345,7 +357,13 @@ def eval_medrec_cmd(
     from ehrflow.training.medrec import evaluate_medrec
 
     metrics = evaluate_medrec(
-        checkpoint, split=split, ddi_pairs=ddi_pairs, ddi_matrix=ddi_matrix, rounds=rounds, with_baselines=baselines
+        checkpoint,
+        split=split,
+        ddi_pairs=ddi_pairs,
+        ddi_matrix=ddi_matrix,
+        rounds=rounds,
+        with_baselines=baselines,
+        ddi_guard=ddi_guard,
     )
     click.echo(json.dumps(metrics, indent=2, default=lambda v: v.model_dump() if isinstance(v, BaseModel) else str(v)))
 

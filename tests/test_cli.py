@@ -60,3 +60,11 @@ def test_train_grounding_uses_the_configured_kg_and_names_the_model(tmp_path):
     config.write_text("train: {batch_size: 1}\n")
     refused = _run(tmp_path, "train", "grounding", "--config", str(config))
     assert refused.exit_code != 0 and str(config) in refused.output and "batch_size" in refused.output
+
+
+def test_eval_medrec_applies_a_ddi_guard(tmp_path, tiny_medrec):
+    _, checkpoint, _ = tiny_medrec
+    result = _run(tmp_path, "eval", "medrec", str(checkpoint), "--rounds", "2", "--ddi-guard", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["test"]["ddi_rate"]["mean"] == 0.0
+    assert _run(tmp_path, "eval", "medrec", str(checkpoint), "--ddi-guard", "1.5").exit_code != 0

@@ -515,10 +515,14 @@ def evaluate_medrec(
     rounds: int | None = None,
     fraction: float | None = None,
     with_baselines: bool = False,
+    ddi_guard: float | None = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint with the bootstrap protocol; a user's DDI matrix (``.npy``) or pairs file may replace the dataset's."""
+    """Score a checkpoint with the bootstrap protocol; a user's DDI matrix (``.npy``) or pairs file may replace the
+    dataset's, and ``ddi_guard`` the run's prediction-time DDI cap."""
     state, meta = load_state(checkpoint)
     config = MedRecConfig.model_validate(meta["config"])
+    if ddi_guard is not None:
+        config.ddi_guard = ddi_guard
     dataset, reps, splits = load_prepared(Path(data_dir or meta["data_dir"]))
     if ddi_matrix is not None or ddi_pairs is not None:
         dataset.ddi = load_ddi(

@@ -252,6 +252,8 @@ class PatientPredictor:
                 reasons.append(str(err))
         if not out:
             raise PredictionUnavailable("; ".join(reasons))
+        if reasons:
+            log.debug("models left out for this patient: %s", "; ".join(reasons))
         return out
 
 

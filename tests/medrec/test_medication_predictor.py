@@ -6,7 +6,7 @@ import torch
 
 from ehrflow.config import ModelSettings
 from ehrflow.models.medrec import collate
-from ehrflow.training.medrec import load_prepared
+from ehrflow.training.medrec import evaluate_medrec, load_prepared
 from ehrflow.training.predictor import MedicationPredictor, PatientPredictor, PredictionUnavailable
 
 
@@ -68,3 +68,12 @@ def test_earlier_visits_change_the_recommendation_and_a_patient_without_diagnose
     recommended = [k.removeprefix("medication:") for k in guarded(patient) if k.startswith("medication:")]
     index = [guarded.med_index[d] for d in recommended]
     assert len(index) > 1 and not guarded.ddi[np.ix_(index, index)].any()  # no interacting pair is recommended
+
+
+def test_evaluation_with_a_ddi_guard_recommends_no_interacting_pair(tiny_medrec):
+    _, checkpoint, _ = tiny_medrec
+    plain = evaluate_medrec(checkpoint, rounds=3)
+    strict = evaluate_medrec(checkpoint, rounds=3, ddi_guard=0.0)
+    assert plain["test"]["ddi_rate"].mean > 0  # the model alone recommends interacting pairs here
+    assert strict["test"]["ddi_rate"].mean == 0.0
+    assert strict["test"]["avg_drugs"].mean < plain["test"]["avg_drugs"].mean
