@@ -45,21 +45,13 @@ def physionet_stays(shared_data):
 
 
 @pytest.fixture(scope="session")
-def tiny_medrec(shared_data, tmp_path_factory):
-    """(store, checkpoint, config): a small NLA-MMR trained for two epochs (Ray Train local mode) on the MIMIC-IV
-    demo store, with the benchmark's drug mapping."""
-    from ehrflow.records import PatientStore
-    from ehrflow.records.ingest import ingest_path
-    from ehrflow.training.medrec import MedRecConfig, train_medrec
+def small_medrec_config(shared_data):
+    """``small_medrec_config(root, name, **fields)``: a small NLA-MMR config (hashed text, 256-bit molecules,
+    two epochs, one Ray Train worker) writing under ``root``; ``fields`` add the data source and overrides."""
+    from ehrflow.training.medrec import MedRecConfig
 
-    root = tmp_path_factory.mktemp("medrec-predictor")
-    store = PatientStore(root / "patients.db")
-    ingest_path(store, "mimic4", shared_data / "ehr" / "mimic4_demo")
-    medrec = shared_data / "medrec"
-    config = MedRecConfig.model_validate(
-        {
-            "store_url": f"sqlite:///{root / 'patients.db'}",
-            "data": {"mapping_dir": str(medrec), "ddi_pairs": str(medrec / "ddi_atc3_pairs.tsv"), "top_med": 60},
+    def build(root: Path, name: str, **fields) -> MedRecConfig:
+        base = {
             "model": "nlammr",
             "dim": 16,
             "epochs": 2,
@@ -67,13 +59,36 @@ def tiny_medrec(shared_data, tmp_path_factory):
             "representations": {
                 "text_encoder": "hashed",
                 "use_kg": False,
-                "smiles_path": str(medrec / "atc3_smiles.tsv"),
+                "smiles_path": str(shared_data / "medrec" / "atc3_smiles.tsv"),
                 "molecule_bits": 256,
             },
-            "ray": {"num_workers": 0, "storage_path": str(root / "runs"), "name": "predictor"},
-            "output_dir": str(root / "out"),
+            "ray": {"num_workers": 1, "storage_path": str(root / "runs"), "name": name},
+            "output_dir": str(root / name),
         }
+        return MedRecConfig.model_validate({**base, **fields})
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_medrec(shared_data, small_medrec_config, tmp_path_factory):
+    """(store, checkpoint, config): ``small_medrec_config`` trained in Ray Train local mode on the MIMIC-IV demo
+    store, with the benchmark's drug mapping."""
+    from ehrflow.records import PatientStore
+    from ehrflow.records.ingest import ingest_path
+    from ehrflow.training.medrec import train_medrec
+
+    root = tmp_path_factory.mktemp("medrec-predictor")
+    store = PatientStore(root / "patients.db")
+    ingest_path(store, "mimic4", shared_data / "ehr" / "mimic4_demo")
+    medrec = shared_data / "medrec"
+    config = small_medrec_config(
+        root,
+        "predictor",
+        store_url=f"sqlite:///{root / 'patients.db'}",
+        data={"mapping_dir": str(medrec), "ddi_pairs": str(medrec / "ddi_atc3_pairs.tsv"), "top_med": 60},
     )
+    config.ray.num_workers = 0
     result = train_medrec(config)
     return store, result.checkpoint, config
 

@@ -25,29 +25,11 @@ def mimic4_dataset_dir(shared_data, tmp_path_factory):
     return build_from_store(store, config).save(root / "dataset")
 
 
-def _config(tmp_path, dataset_dir, shared_data, name, **overrides) -> MedRecConfig:
-    base = {
-        "dataset_dir": str(dataset_dir),
-        "model": "nlammr",
-        "dim": 16,
-        "epochs": 2,
-        "batch_size": 8,
-        "representations": {
-            "text_encoder": "hashed",
-            "use_kg": False,
-            "smiles_path": str(shared_data / "medrec" / "atc3_smiles.tsv"),
-            "molecule_bits": 256,
-        },
-        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "runs"), "name": name},
-        "output_dir": str(tmp_path / name),
-        "evaluate_baselines": True,
-    }
-    base.update(overrides)
-    return MedRecConfig.model_validate(base)
-
-
-def test_train_checkpoint_by_val_jaccard_and_bootstrap_test(ray_session, mimic4_dataset_dir, shared_data, tmp_path):
-    result = train_medrec(_config(tmp_path, mimic4_dataset_dir, shared_data, "nlammr"))
+def test_train_checkpoint_by_val_jaccard_and_bootstrap_test(
+    ray_session, mimic4_dataset_dir, small_medrec_config, tmp_path
+):
+    config = small_medrec_config(tmp_path, "nlammr", dataset_dir=str(mimic4_dataset_dir), evaluate_baselines=True)
+    result = train_medrec(config)
     n = sum(result.n_patients.values())
     assert result.n_patients == {
         "train": int(n * 2 / 3),
@@ -72,19 +54,17 @@ def test_train_checkpoint_by_val_jaccard_and_bootstrap_test(ray_session, mimic4_
     assert user_ddi["test"]["ddi_rate"].mean == 0.0 and user_ddi["test"]["jaccard"].mean > 0
 
 
-def test_two_workers_gamenet(ray_session, mimic4_dataset_dir, shared_data, tmp_path):
-    config = _config(
-        tmp_path, mimic4_dataset_dir, shared_data, "gamenet2", model="gamenet", epochs=1, evaluate_baselines=False
-    )
+def test_two_workers_gamenet(ray_session, mimic4_dataset_dir, small_medrec_config, tmp_path):
+    config = small_medrec_config(tmp_path, "gamenet2", dataset_dir=str(mimic4_dataset_dir), model="gamenet", epochs=1)
     config.ray.num_workers = 2
     result = train_medrec(config)
     assert result.model == "gamenet" and result.checkpoint.is_dir() and result.best_epoch == 0
     assert result.test["avg_drugs"].mean > 0
 
 
-def test_nlammr_with_gin_molecule_encoder(ray_session, mimic4_dataset_dir, shared_data, tmp_path):
+def test_nlammr_with_gin_molecule_encoder(ray_session, mimic4_dataset_dir, small_medrec_config, tmp_path):
     pytest.importorskip("rdkit")
-    config = _config(tmp_path, mimic4_dataset_dir, shared_data, "gin", epochs=1, evaluate_baselines=False)
+    config = small_medrec_config(tmp_path, "gin", dataset_dir=str(mimic4_dataset_dir), epochs=1)
     config.representations.molecule_method = "gin"
     config.ray.num_workers = 0
     result = train_medrec(config)
