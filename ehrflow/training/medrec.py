@@ -175,8 +175,8 @@ def ddi_rate(pred_sets: Sequence[np.ndarray], ddi: np.ndarray | None) -> float:
 def ddi_guard_probs(probs: np.ndarray, ddi: np.ndarray, limit: float, threshold: float) -> np.ndarray:
     """``probs`` ``[T, M]`` with drugs dropped below ``threshold`` until each visit's share of interacting pairs
     among its recommended drugs is at most ``limit``; each step drops the least likely drug that interacts with
-    another recommended one. Dropped drugs keep their rank order just under the threshold (in float64: float32 has
-    no room under it)."""
+    another recommended one. Dropped drugs keep their rank order just under the threshold (in float64: the value
+    just under it, cast back to float32, would land on the threshold again)."""
     out = probs.astype(np.float64)
     below = np.nextafter(threshold, 0.0)
     for row in out:
@@ -505,6 +505,19 @@ def train_medrec(config: MedRecConfig) -> MedRecResult:
     )
 
 
+def load_medrec_model(
+    checkpoint: str | Path, data_dir: str | Path | None = None
+) -> tuple[torch.nn.Module, MedRecConfig, MedRecDataset, dict[str, list[int]]]:
+    """A checkpoint's model (eval mode, CPU), its training config, and the run's dataset and split (from
+    ``data_dir``, default the run's own)."""
+    state, meta = load_state(checkpoint)
+    config = MedRecConfig.model_validate(meta["config"])
+    dataset, reps, splits = load_prepared(Path(data_dir or meta["data_dir"]))
+    model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
+    model.load_state_dict(state)
+    return model.eval(), config, dataset, splits
+
+
 def evaluate_medrec(
     checkpoint: str | Path,
     *,
@@ -519,18 +532,14 @@ def evaluate_medrec(
 ) -> dict[str, Any]:
     """Score a checkpoint with the bootstrap protocol; a user's DDI matrix (``.npy``) or pairs file may replace the
     dataset's, and ``ddi_guard`` the run's prediction-time DDI cap."""
-    state, meta = load_state(checkpoint)
-    config = MedRecConfig.model_validate(meta["config"])
+    model, config, dataset, splits = load_medrec_model(checkpoint, data_dir)
     if ddi_guard is not None:
         config.ddi_guard = ddi_guard
-    dataset, reps, splits = load_prepared(Path(data_dir or meta["data_dir"]))
     if ddi_matrix is not None or ddi_pairs is not None:
         dataset.ddi = load_ddi(
             dataset.med_vocab, Path(ddi_pairs) if ddi_pairs else None, Path(ddi_matrix) if ddi_matrix else None
         )
     device = torch.device("cuda" if torch.cuda.is_available() and config.ray.use_gpu else "cpu")
-    model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
-    model.load_state_dict(state)
     model.to(device)
     patients = splits[split]
     truths, probs = predict(model, dataset, patients, device)
@@ -564,6 +573,7 @@ __all__ = [
     "evaluate_medrec",
     "guarded",
     "drug_log_odds",
+    "load_medrec_model",
     "load_prepared",
     "prepare_data",
     "best_checkpoint",

@@ -152,15 +152,10 @@ class MedicationPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> MedicationPredictor:
         """The model of a medrec checkpoint, with the vocabularies and drug mapping its training used."""
-        from ehrflow.training.medrec import MedRecConfig, build_model, load_prepared
+        from ehrflow.training.medrec import load_medrec_model
         from ehrflow.training.medrec_data import DrugMapper
-        from ehrflow.training.ray_utils import load_state
 
-        state, meta = load_state(path)
-        config = MedRecConfig.model_validate(meta["config"])
-        dataset, reps, splits = load_prepared(Path(meta["data_dir"]))
-        model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
-        model.load_state_dict(state)
+        model, config, dataset, _ = load_medrec_model(path)
         mapper = DrugMapper.from_dir(config.data.mapping_dir) if config.data.mapping_dir is not None else None
         return cls(model, config, dataset.diag_vocab, dataset.proc_vocab, dataset.med_vocab, mapper, dataset.ddi)
 
