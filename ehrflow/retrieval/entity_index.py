@@ -108,6 +108,11 @@ class IndexNotBuilt(RuntimeError):
     """Dense grounding was asked of an empty collection."""
 
 
+def in_scope(node_id: str, id_prefixes: tuple[str, ...] | None) -> bool:
+    """Whether a node id is inside a scope given by id prefixes (``None``: every id)."""
+    return id_prefixes is None or node_id.startswith(id_prefixes)
+
+
 def scope_labels(
     kg: KnowledgeGraph, node_types: Iterable[str], id_prefixes: Iterable[str] | None
 ) -> dict[str, tuple[str, dict[str, str]]]:
@@ -118,7 +123,7 @@ def scope_labels(
     prefixes = tuple(id_prefixes) if id_prefixes is not None else None
     wanted: dict[str, tuple[str, dict[str, str]]] = {}
     for node in kg.nodes(tuple(node_types)):
-        if prefixes is not None and not node.id.startswith(prefixes):
+        if not in_scope(node.id, prefixes):
             continue
         seen: set[str] = set()
         labels = [("name", node.name)]
@@ -221,10 +226,10 @@ class EntityIndex:
         return meta.get("index_fingerprint") == self.fingerprint and meta.get("labels") == self.collection.count()
 
     def _in_dense_scope(self, node_id: str) -> bool:
-        return self.id_prefixes is None or node_id.startswith(self.id_prefixes)
+        return in_scope(node_id, self.id_prefixes)
 
     def _in_lexical_scope(self, node_id: str) -> bool:
-        return self.lexical_id_prefixes is None or node_id.startswith(self.lexical_id_prefixes)
+        return in_scope(node_id, self.lexical_id_prefixes)
 
     def labels(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Vector id -> (label text, metadata) for every label in the dense scope; case/space duplicates dropped."""
