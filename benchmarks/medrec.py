@@ -45,12 +45,11 @@ from typing import Any
 import numpy as np
 from _util import peak_rss_mib, write_result
 
-from ehrflow.models.medrec import collate
 from ehrflow.records.errors import ErrorSink
 from ehrflow.records.loaders.mimic import Mimic3Loader, Mimic4Loader
 from ehrflow.records.loaders.synthea_csv import SyntheaCsvLoader
 from ehrflow.records.model import Patient
-from ehrflow.training.medrec import MedRecConfig, bootstrap_rounds, train_medrec
+from ehrflow.training.medrec import MedRecConfig, bootstrap_rounds, train_medrec, visit_truths
 from ehrflow.training.medrec_data import OOV, PAD, MedRecDataConfig, MedRecDataset, build_dataset
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file written outside the project
@@ -225,10 +224,9 @@ def pyhealth_quality(args: argparse.Namespace, run_data: Path, seed: int, scratc
     started = time.perf_counter()
     info = _run_pyhealth(args, run_data, out, "--model", model, "--epochs", str(args.epochs), "--seed", str(seed))
     flat = np.load(out.with_suffix(".npz"))["probs"]
-    truths, probs, at = [], [], 0
-    for i in test:
-        truth = collate([dataset.visits[i]], len(dataset.med_vocab)).meds[0].numpy()
-        truths.append(truth)
+    truths = visit_truths(dataset, test)
+    probs, at = [], 0
+    for truth in truths:
         probs.append(flat[at : at + len(truth)])
         at += len(truth)
     if at != len(flat):

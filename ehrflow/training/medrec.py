@@ -330,14 +330,18 @@ def predict(
     return truths, probs
 
 
+def visit_truths(dataset: MedRecDataset, patients: Sequence[int]) -> list[np.ndarray]:
+    """Per patient, the drug multi-hots of its visits ``[T, M]``, for scoring predictions made elsewhere."""
+    return [collate([dataset.visits[i]], len(dataset.med_vocab)).meds[0].numpy() for i in patients]
+
+
 def previous_visit_probs(dataset: MedRecDataset, patients: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The 'same drugs as last visit' rule (first visits predict nothing): the floor any model should clear."""
-    truths, probs = [], []
-    for i in patients:
-        truth = collate([dataset.visits[i]], len(dataset.med_vocab)).meds[0].numpy()
+    truths = visit_truths(dataset, patients)
+    probs = []
+    for truth in truths:
         prob = np.zeros_like(truth)
         prob[1:] = truth[:-1]
-        truths.append(truth)
         probs.append(prob)
     return truths, probs
 
@@ -579,4 +583,5 @@ __all__ = [
     "best_checkpoint",
     "train_medrec",
     "visit_metrics",
+    "visit_truths",
 ]
