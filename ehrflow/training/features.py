@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from ehrflow.records.model import Admission, Patient
+from ehrflow.records.model import Admission, Measurements, Patient
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +167,23 @@ def extract_stays(
             times: list[float] = []
             names: list[str] = []
             values: list[float] = []
-            for m in adm.measurements:
-                if m.value is None:
+            measurements = Measurements.of(adm.measurements)  # read as columns: no item objects built
+            for time, variable, value in zip(
+                measurements.column("time"), measurements.column("variable"), measurements.column("value"), strict=True
+            ):
+                if value is None:
                     report.values_non_numeric += 1
                     continue
-                if not math.isfinite(m.value):
+                if not math.isfinite(value):
                     report.values_nonfinite += 1
                     continue
-                offset = (m.time - start).total_seconds() / 3600 if start is not None else math.nan
+                offset = (time - start).total_seconds() / 3600 if start is not None else math.nan
                 if not (0 <= offset <= horizon):  # PhysioNet's "first 48 h" includes 48:00
                     report.values_outside_window += 1
                     continue
                 times.append(offset)
-                names.append(m.variable)
-                values.append(m.value)
+                names.append(variable)
+                values.append(value)
             if not values:
                 report.stays_without_measurements += 1
             window_end = start + dt.timedelta(hours=horizon) if start is not None else None

@@ -2,25 +2,26 @@
 
 **Why DuckDB.** Full MIMIC-III CHARTEVENTS has 330M rows; no table is ever held in Python.
 Each needed CSV (``.csv`` or ``.csv.gz``, any case) is parsed once by DuckDB with explicit
-column types into an on-disk temporary database (``memory_limit`` bounded, spilling to disk),
-clustered by ``subject_id``. Patients are then assembled batch by batch: a batch is a range of
-subject_ids holding at most ``max_subjects`` patients and about ``max_rows`` measurements, so
-the range scans skip the rest of each table and Python memory stays flat.
+column types into a temporary in-memory database that spills to ``workdir`` beyond
+``memory_limit`` (DuckDB offloads in-memory tables too; an on-disk database file was measured
+0.2 s slower on the demo for no gain), clustered by ``subject_id``. Patients are then assembled
+batch by batch: a batch is a range of subject_ids holding at most ``max_subjects`` patients and
+about ``max_rows`` measurements, so the range scans skip the rest of each table and Python
+memory stays flat.
 
 **Times.** MIMIC times are date-shifted wall-clock times without a zone; they are read as UTC
 (the offset between them is what is real, not the zone).
 
 **Validation.** Patients, admissions, ICU stays, codes, prescriptions and notes are built through
 pydantic (a failure becomes a ``RecordError`` naming file, row and field). Measurements are the
-bulk (817k rows in the demo, ~360M in full MIMIC-III), and building them through pydantic was
-measured 2.5-3x slower per row than a plain constructor (a pydantic-core schema without the
-Python validators was slower still), so their invariants are checked vectorised instead: DuckDB
+bulk (817k rows in the demo, ~360M in full MIMIC-III) and are held as columns
+(``Measurements``), so their invariants are checked vectorised instead of per object: DuckDB
 parses every typed column (a non-numeric ``valuenum`` or a bad ``charttime`` is a reject with its
 line number), SQL checks finiteness and that a value or text is present (a non-finite value is
 reported with its row_id), times are built timezone-aware, and variables come from the item
-dictionary (never empty). Rows passing those checks satisfy every ``Measurement`` validator, so
-they are built with a plain constructor (in ``_Staging._measurements``); the tests check that
-its output equals full pydantic validation of the same data.
+dictionary (never empty). Rows passing those checks satisfy every ``Measurement`` validator; the
+tests check that the items built from the columns equal full pydantic validation of the same data.
+Rows at the same admission, time and item are ordered by ``row_id`` where the source has one, then by value.
 
 Rows the source cannot attach (labs without ``hadm_id``, chart rows whose ICU stay is unknown,
 rows flagged ``error=1``, rows without a value) are dropped and counted at DEBUG.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import gc
 import gzip
 import io
 import logging
@@ -47,7 +47,17 @@ import numpy as np
 from pydantic import ValidationError
 
 from ehrflow.records.errors import ErrorSink, RecordError
-from ehrflow.records.model import Admission, Code, ICUStay, Measurement, MedicationOrder, Note, Outcomes, Patient
+from ehrflow.records.model import (
+    Admission,
+    Code,
+    CodedColumn,
+    ICUStay,
+    Measurements,
+    MedicationOrder,
+    Note,
+    Outcomes,
+    Patient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -459,9 +469,6 @@ def _ts(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else value.replace(tzinfo=_UTC)
 
 
-_MEASUREMENT_FIELDS = frozenset(Measurement.model_fields)
-
-
 class _Staging:
     """One load: the temporary DuckDB database, the staged tables, and the batch queries."""
 
@@ -473,7 +480,7 @@ class _Staging:
         self.present: set[str] = set()
         self.tables = {t.name: t for t in loader.tables}
         self.dropped: Counter[str] = Counter()
-        self.con = duckdb.connect(str(workdir / "stage.duckdb"))
+        self.con = duckdb.connect(":memory:")
         self.con.execute(f"SET memory_limit={_sql_str(loader.memory_limit)}")
         self.con.execute(f"SET temp_directory={_sql_str(str(workdir / 'spill'))}")
         self.con.execute("SET enable_progress_bar=false")
@@ -884,10 +891,10 @@ class _Staging:
                     patient.notes.append(note)
 
     def _measurements(self, admissions: dict[int, Admission]) -> None:
-        """Build the batch's measurements column-wise; the hot loop does no validation (see module doc)."""
+        """Build the batch's measurements as columns, one slice per admission (checked in SQL, see module doc)."""
         parts = [
             f"SELECT hadm_id, epoch_us(charttime) AS t, itemid * 2 + {int(name == 'chartevents')} AS item_key, "
-            f"valuenum, text_value, unit FROM {name} WHERE subject_id BETWEEN $lo AND $hi AND drop_reason IS NULL "
+            f"row_id, valuenum, text_value, unit FROM {name} WHERE subject_id BETWEEN $lo AND $hi AND drop_reason IS NULL "
             "AND NOT bad_value"
             for name in ("labevents", "chartevents")
             if name in self.present
@@ -895,53 +902,36 @@ class _Staging:
         if not parts:
             return
         result = self.con.execute(
-            " UNION ALL ".join(parts) + " ORDER BY hadm_id, t, item_key, valuenum, text_value, unit", self._range
+            " UNION ALL ".join(parts) + " ORDER BY hadm_id, t, item_key, row_id, valuenum, text_value, unit",
+            self._range,
         ).fetchnumpy()
-        columns = [_nullable(result[name]) for name in ("hadm_id", "t", "item_key", "valuenum", "text_value", "unit")]
-        del result
-        labels = self.items
-        item_cache: dict[int, tuple[str, Code]] = {}
-        current: list[Measurement] = []
-        prev_hadm = prev_t = None
-        when = _EPOCH
-        new = Measurement.__new__
-        set_attr = object.__setattr__
-        fields_set = _MEASUREMENT_FIELDS
-        was_enabled = gc.isenabled()
-        gc.disable()  # millions of small acyclic objects: generational GC passes would dominate
-        try:
-            for hadm, t, item_key, value, text, unit in zip(*columns, strict=True):
-                if hadm != prev_hadm:
-                    current = admissions[hadm].measurements if hadm in admissions else []
-                    prev_hadm = hadm
-                if t != prev_t:
-                    when = _EPOCH + dt.timedelta(microseconds=t)
-                    prev_t = t
-                item = item_cache.get(item_key)
-                if item is None:
-                    itemid = item_key >> 1
-                    label = labels.get((bool(item_key & 1), itemid)) or f"MIMIC item {itemid}"
-                    item = item_cache[item_key] = (label, Code(system="MIMIC_ITEMID", code=str(itemid)))
-                m = new(Measurement)
-                set_attr(
-                    m,
-                    "__dict__",
-                    {
-                        "time": when,
-                        "variable": item[0],
-                        "value": value,
-                        "text_value": text,
-                        "unit": unit,
-                        "source_code": item[1],
-                    },
+        hadm = np.ma.getdata(result["hadm_id"])
+        if not len(hadm):
+            return
+        # each distinct time and item is built once and shared by its rows
+        distinct_times, time_rows = np.unique(np.ma.getdata(result["t"]), return_inverse=True)
+        times = [_EPOCH + dt.timedelta(microseconds=us) for us in distinct_times.tolist()]
+        distinct_items, item_rows = np.unique(np.ma.getdata(result["item_key"]), return_inverse=True)
+        labels, codes = [], []
+        for key in distinct_items.tolist():
+            itemid = key >> 1
+            labels.append(self.items.get((bool(key & 1), itemid)) or f"MIMIC item {itemid}")
+            codes.append(Code(system="MIMIC_ITEMID", code=str(itemid)))
+        time_col = CodedColumn(time_rows, times)
+        variable_col, code_col = CodedColumn(item_rows, labels), CodedColumn(item_rows, codes)
+        value_col, text_col, unit_col = (_nullable(result[name]) for name in ("valuenum", "text_value", "unit"))
+        bounds = [0, *(np.flatnonzero(hadm[1:] != hadm[:-1]) + 1).tolist(), len(hadm)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            admission = admissions.get(int(hadm[lo]))
+            if admission is not None:
+                admission.measurements = Measurements.from_checked_columns(
+                    time_col[lo:hi],
+                    variable_col[lo:hi],
+                    value_col[lo:hi],
+                    text_col[lo:hi],
+                    unit_col[lo:hi],
+                    code_col[lo:hi],
                 )
-                set_attr(m, "__pydantic_fields_set__", fields_set)
-                set_attr(m, "__pydantic_extra__", None)
-                set_attr(m, "__pydantic_private__", None)
-                current.append(m)
-        finally:
-            if was_enabled:
-                gc.enable()
 
 
 def _nullable(column: np.ndarray) -> list[Any]:
