@@ -156,7 +156,7 @@ class CodedColumn(Sequence[Any]):
 class Measurements(Sequence[Measurement]):
     """An admission's measurements, held as columns; each item is a ``Measurement`` built on access.
 
-    Measurements are the bulk of EHR data (817k in the MIMIC-III demo, ~330M in full MIMIC-III), and
+    Measurements are the bulk of EHR data (817k in the MIMIC-III demo, ~360M in full MIMIC-III), and
     one pydantic object per value cost more than parsing the CSV it came from and several times the
     memory of the columns. Items come out as fresh objects: to change a value, build a new
     ``Measurement`` and store a new sequence. Validated on the way in (``append``, ``extend``, pydantic
