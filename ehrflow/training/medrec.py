@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -419,6 +419,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     if config.max_steps_per_epoch is not None:
         steps = min(steps, config.max_steps_per_epoch)
     rng = np.random.default_rng(config.seed + rank)
+    serving_meta = _serving_meta(dataset)
     best = -1.0
     history: list[dict[str, float]] = []
     for epoch in range(config.epochs):
@@ -448,6 +449,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         meta = {
             "config": json.loads(config.model_dump_json()),
             "data_dir": str(data_dir),
+            **serving_meta,
             "history": history,
             "checkpoints_to_keep": config.ray.checkpoints_to_keep,
         }
@@ -509,17 +511,91 @@ def train_medrec(config: MedRecConfig) -> MedRecResult:
     )
 
 
+def _serving_meta(dataset: MedRecDataset) -> dict[str, Any]:
+    """What a checkpoint needs besides its weights to score a patient: the vocabularies and the DDI pairs (so
+    serving never reads the run's prepared data, which holds every training visit)."""
+    pairs = [] if dataset.ddi is None else np.argwhere(np.triu(dataset.ddi) > 0).tolist()
+    return {
+        "vocabularies": {"diag": dataset.diag_vocab, "proc": dataset.proc_vocab, "med": dataset.med_vocab},
+        "ddi_pairs": None if dataset.ddi is None else pairs,
+    }
+
+
+@dataclass
+class TrainedMedRec:
+    """A checkpoint restored without its training data: model (eval mode, CPU), config, vocabularies, DDI matrix."""
+
+    model: torch.nn.Module
+    config: MedRecConfig
+    diag_vocab: list[str]
+    proc_vocab: list[str]
+    med_vocab: list[str]
+    ddi: np.ndarray | None
+
+
+def _restore_model(
+    config: MedRecConfig, state: dict[str, torch.Tensor], sizes: tuple[int, int, int]
+) -> torch.nn.Module:
+    """The trained architecture with zero inputs shaped like the checkpoint's tensors; every data-derived input
+    (text and molecule features, co-occurrence and DDI graphs, starting biases) is a parameter or buffer, so
+    loading the state restores it exactly (``load_state_dict`` is strict)."""
+    n_diag, n_proc, n_meds = sizes
+
+    def zeros(key: str) -> torch.Tensor:
+        return torch.zeros(state[key].shape, dtype=state[key].dtype)
+
+    if config.model == "logreg":
+        model: torch.nn.Module = MultiHotLinear(n_diag, n_proc, n_meds)
+    elif config.model == "mlp":
+        model = MultiHotMLP(n_diag, n_proc, n_meds, hidden=config.dim, dropout=config.dropout)
+    elif config.model == "gamenet":
+        ddi = zeros("ddi_gcn.adj") if "ddi_gcn.adj" in state else None
+        model = GAMENet(n_diag, n_proc, n_meds, zeros("ehr_gcn.adj"), ddi, dim=config.dim, dropout=config.dropout)
+    else:
+        encoder = None
+        if "molecule_encoder.atoms" in state:
+            graphs = ("atoms", "edges", "atom_molecule", "molecule_drug")
+            encoder = MoleculeGIN(*(zeros(f"molecule_encoder.{g}") for g in graphs), n_drugs=n_meds, dim=config.dim)
+        model = NLAMMR(
+            zeros("diag_text.weight"),
+            zeros("proc_text.weight"),
+            zeros("med_text"),
+            zeros("med_mol"),
+            zeros("med_has_mol").squeeze(-1),
+            config.dim,
+            config.dropout,
+            molecule_encoder=encoder,
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_trained_medrec(checkpoint: str | Path) -> TrainedMedRec:
+    """A checkpoint as the serving side needs it: no prepared data, no training visits."""
+    state, meta = load_state(checkpoint)
+    if "vocabularies" not in meta:
+        raise ValueError(f"{checkpoint}: this medrec checkpoint predates self-contained checkpoints; train it again")
+    config = MedRecConfig.model_validate(meta["config"])
+    vocab = meta["vocabularies"]
+    ddi = None
+    if meta["ddi_pairs"] is not None:
+        ddi = np.zeros((len(vocab["med"]), len(vocab["med"])), dtype=np.float32)
+        for i, j in meta["ddi_pairs"]:
+            ddi[i, j] = ddi[j, i] = 1.0
+    sizes = (len(vocab["diag"]), len(vocab["proc"]), len(vocab["med"]))
+    return TrainedMedRec(_restore_model(config, state, sizes), config, vocab["diag"], vocab["proc"], vocab["med"], ddi)
+
+
 def load_medrec_model(
     checkpoint: str | Path, data_dir: str | Path | None = None
 ) -> tuple[torch.nn.Module, MedRecConfig, MedRecDataset, dict[str, list[int]]]:
     """A checkpoint's model (eval mode, CPU), its training config, and the run's dataset and split (from
-    ``data_dir``, default the run's own)."""
+    ``data_dir``, default the run's own), for evaluation."""
     state, meta = load_state(checkpoint)
     config = MedRecConfig.model_validate(meta["config"])
-    dataset, reps, splits = load_prepared(Path(data_dir or meta["data_dir"]))
-    model = build_model(config.model, dataset, reps, splits["train"], config.dim, config.dropout)
-    model.load_state_dict(state)
-    return model.eval(), config, dataset, splits
+    dataset, _, splits = load_prepared(Path(data_dir or meta["data_dir"]))
+    sizes = (len(dataset.diag_vocab), len(dataset.proc_vocab), len(dataset.med_vocab))
+    return _restore_model(config, state, sizes), config, dataset, splits
 
 
 def evaluate_medrec(
@@ -579,9 +655,11 @@ __all__ = [
     "drug_log_odds",
     "load_medrec_model",
     "load_prepared",
+    "load_trained_medrec",
     "prepare_data",
     "best_checkpoint",
     "train_medrec",
+    "TrainedMedRec",
     "visit_metrics",
     "visit_truths",
 ]

@@ -151,13 +151,23 @@ class MedicationPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> MedicationPredictor:
-        """The model of a medrec checkpoint, with the vocabularies and drug mapping its training used."""
-        from ehrflow.training.medrec import load_medrec_model
+        """The model of a medrec checkpoint, with the vocabularies it carries and the drug mapping files its training
+        read (``data.mapping_dir``); the run's prepared data (every training visit) is not needed."""
+        from ehrflow.training.medrec import load_trained_medrec
         from ehrflow.training.medrec_data import DrugMapper
 
-        model, config, dataset, _ = load_medrec_model(path)
-        mapper = DrugMapper.from_dir(config.data.mapping_dir) if config.data.mapping_dir is not None else None
-        return cls(model, config, dataset.diag_vocab, dataset.proc_vocab, dataset.med_vocab, mapper, dataset.ddi)
+        trained = load_trained_medrec(path)
+        mapping_dir = trained.config.data.mapping_dir
+        mapper = DrugMapper.from_dir(mapping_dir) if mapping_dir is not None else None
+        return cls(
+            trained.model,
+            trained.config,
+            trained.diag_vocab,
+            trained.proc_vocab,
+            trained.med_vocab,
+            mapper,
+            trained.ddi,
+        )
 
     def _note_codes(self, admission: Admission) -> list[str]:
         from ehrflow.training.medrec_data import note_codes, note_extractor

@@ -1,13 +1,23 @@
 """MedicationPredictor: a medrec checkpoint scores one patient exactly as training encoded that patient."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from ehrflow.config import ModelSettings
 from ehrflow.models.medrec import collate
-from ehrflow.training.medrec import evaluate_medrec, load_prepared
+from ehrflow.training.medrec import (
+    _restore_model,
+    build_model,
+    evaluate_medrec,
+    load_prepared,
+    load_trained_medrec,
+)
 from ehrflow.training.predictor import MedicationPredictor, PatientPredictor, PredictionUnavailable
+from ehrflow.training.ray_utils import META_FILE
 
 
 def test_predictor_matches_the_training_encoding(tiny_medrec):
@@ -77,3 +87,40 @@ def test_evaluation_with_a_ddi_guard_recommends_no_interacting_pair(tiny_medrec)
     assert plain["test"]["ddi_rate"].mean > 0  # the model alone recommends interacting pairs here
     assert strict["test"]["ddi_rate"].mean == 0.0
     assert strict["test"]["avg_drugs"].mean < plain["test"]["avg_drugs"].mean
+
+
+def test_a_checkpoint_serves_without_the_runs_prepared_data(tiny_medrec, tmp_path):
+    """Serving reads the vocabularies and DDI pairs from the checkpoint, never ``output_dir/data`` (every training
+    visit): a copy whose recorded data folder does not exist scores exactly like the original."""
+    store, checkpoint, config = tiny_medrec
+    moved = shutil.copytree(checkpoint, tmp_path / "checkpoint")
+    meta = json.loads((moved / META_FILE).read_text())
+    meta["data_dir"] = str(tmp_path / "gone")
+    (moved / META_FILE).write_text(json.dumps(meta))
+    dataset, _, _ = load_prepared(config.output_dir / "data")
+    trained = load_trained_medrec(moved)
+    assert (trained.diag_vocab, trained.med_vocab) == (dataset.diag_vocab, dataset.med_vocab)
+    assert np.array_equal(trained.ddi, dataset.ddi) and trained.ddi.any()
+    patient = store.get(dataset.patient_ids[0])
+    original = MedicationPredictor.from_checkpoint(checkpoint)
+    assert np.array_equal(
+        MedicationPredictor.from_checkpoint(moved).probabilities(patient), original.probabilities(patient)
+    )
+
+    del meta["vocabularies"]
+    (moved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="predates self-contained checkpoints"):
+        load_trained_medrec(moved)
+
+
+@pytest.mark.parametrize("name", ["nlammr", "gamenet", "mlp", "logreg"])
+def test_every_model_is_restored_from_its_state_alone(tiny_medrec, name):
+    _, _, config = tiny_medrec
+    dataset, reps, split = load_prepared(config.output_dir / "data")
+    torch.manual_seed(3)
+    built = build_model(name, dataset, reps, split["train"], dim=config.dim, dropout=0.0).eval()
+    sizes = (len(dataset.diag_vocab), len(dataset.proc_vocab), len(dataset.med_vocab))
+    restored = _restore_model(config.model_copy(update={"model": name, "dropout": 0.0}), built.state_dict(), sizes)
+    batch = collate(dataset.visits[:4], len(dataset.med_vocab))
+    with torch.no_grad():
+        assert torch.equal(restored(batch), built(batch))
