@@ -282,8 +282,8 @@ class Measurements(Sequence[Measurement]):
                     raise ValueError(f"measurement columns: {where}: {first['msg']}") from None
             return validate_rows(value)
 
-        def serialize(value: Measurements, info: core_schema.SerializationInfo) -> Any:
-            data = value._columns
+        def serialize(value: Iterable[Measurement], info: core_schema.SerializationInfo) -> Any:
+            data = Measurements.of(value)._columns  # a plain list, set by assignment or model_copy(update=), too
             if info.context and info.context.get("measurement_columns"):
                 return {name: list(column) for name, column in zip(_MEASUREMENT_FIELDS, data, strict=True)}
             return [dict(zip(_MEASUREMENT_FIELDS, row, strict=True)) for row in zip(*data, strict=True)]

@@ -115,6 +115,7 @@ def test_copies_pickles_and_equality() -> None:
     assert Admission(id="a").measurements == [] and Admission(id="a").measurements != admission.measurements
     plain = admission.model_copy(update={"measurements": _rows()[:1]})  # model_copy(update=) skips validation
     assert Measurements.of(plain.measurements) == _rows()[:1]
+    assert Admission.model_validate_json(plain.model_dump_json()) == Admission(id="a", measurements=_rows()[:1])
     assert Measurements.of(admission.measurements) is admission.measurements
     admission.measurements.clear()
     assert len(admission.measurements) == 0
