@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ehrflow.config import Settings
+from ehrflow.training.outputs import MEDICATION_PREFIX, MEDICATIONS_RECOMMENDED
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,12 @@ def job_result(tasks: list[str], states: dict[str, Any]) -> dict[str, Any]:
         result["phenotypes"] = list(seen.values())
     if "medications" in tasks:
         recommended = [
-            {"drug": k.removeprefix("medication:"), "probability": v}
+            {"drug": k.removeprefix(MEDICATION_PREFIX), "probability": v}
             for k, v in first.predictions.items()
-            if k.startswith("medication:")
+            if k.startswith(MEDICATION_PREFIX)
         ]
         result["medications"] = {
-            "available": "medications_recommended" in first.predictions,
+            "available": MEDICATIONS_RECOMMENDED in first.predictions,
             "recommended": sorted(recommended, key=lambda r: -r["probability"]),
         }
     return result

@@ -29,6 +29,7 @@ import torch
 from ehrflow.records.model import Admission, Patient
 from ehrflow.training.features import FeatureReport, Normalizer, TextEncoder, extract_stays, load_text_encoder
 from ehrflow.training.fusion import FusionTrainConfig, load_fusion_model, predict, to_tensors
+from ehrflow.training.outputs import MEDICATION_PREFIX, MEDICATIONS_RECOMMENDED
 
 if TYPE_CHECKING:
     from ehrflow.agents.types import HealthSummary
@@ -221,8 +222,8 @@ class MedicationPredictor:
         probabilities = self.probabilities(patient)
         chosen = sorted(np.flatnonzero(probabilities >= self.config.threshold), key=lambda i: -probabilities[i])
         return {
-            **{f"medication:{self.med_vocab[i]}": float(probabilities[i]) for i in chosen},
-            "medications_recommended": float(len(chosen)),
+            **{MEDICATION_PREFIX + self.med_vocab[i]: float(probabilities[i]) for i in chosen},
+            MEDICATIONS_RECOMMENDED: float(len(chosen)),
         }
 
 
