@@ -40,8 +40,11 @@ def workflow_tasks(tasks: list[str]) -> list[str]:
     return runs or ["general"]
 
 
-def job_result(tasks: list[str], states: dict[str, Any]) -> dict[str, Any]:
-    """The JSON result of a job from its finished ``PatientJobState`` objects (by workflow task)."""
+def job_result(
+    tasks: list[str], states: dict[str, Any], drug_names: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The JSON result of a job from its finished ``PatientJobState`` objects (by workflow task); ``drug_names``
+    (the medication checkpoint's order names per drug) label the recommended drugs."""
     first = next(iter(states.values()))
     result: dict[str, Any] = {"runs": {}}
     for wf_task, state in states.items():
@@ -69,9 +72,9 @@ def job_result(tasks: list[str], states: dict[str, Any]) -> dict[str, Any]:
         result["phenotypes"] = list(seen.values())
     if "medications" in tasks:
         recommended = [
-            {"drug": k.removeprefix(MEDICATION_PREFIX), "probability": v}
+            {"drug": drug, "names": (drug_names or {}).get(drug, []), "probability": v}
             for k, v in first.predictions.items()
-            if k.startswith(MEDICATION_PREFIX)
+            if k.startswith(MEDICATION_PREFIX) and (drug := k.removeprefix(MEDICATION_PREFIX))
         ]
         result["medications"] = {
             "available": MEDICATIONS_RECOMMENDED in first.predictions,
@@ -94,6 +97,11 @@ class LocalWorkflow:
         self.job_graph = build_patient_job(self.deps, sqlite_checkpointer(settings.checkpoint_path))
         self.chat_graph = build_chat(self.deps, sqlite_checkpointer(settings.checkpoint_path))
         self._lock = threading.Lock()
+        self.drug_names: dict[str, list[str]] = {}
+        if settings.models.medrec_checkpoint is not None:
+            from ehrflow.training.medrec import checkpoint_drug_names
+
+            self.drug_names = checkpoint_drug_names(settings.models.medrec_checkpoint)
 
     def run_job(self, job_id: str, patient_id: str, tasks: list[str], progress: ProgressFn) -> dict[str, Any]:
         from ehrflow.graph import PatientNotFound
@@ -113,7 +121,7 @@ class LocalWorkflow:
                 except PatientNotFound as exc:
                     raise JobInputError(str(exc)) from exc
         progress(total, total)
-        return job_result(tasks, states)
+        return job_result(tasks, states, self.drug_names)
 
     def _run_one(self, job_id: str, patient_id: str, wf_task: str, on_nodes: Callable[[int], None]) -> Any:
         """Run or resume one workflow; thread id ``<job id>/<task>`` ties it to its checkpoint."""

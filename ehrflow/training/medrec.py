@@ -518,6 +518,7 @@ def _serving_meta(dataset: MedRecDataset) -> dict[str, Any]:
     return {
         "vocabularies": {"diag": dataset.diag_vocab, "proc": dataset.proc_vocab, "med": dataset.med_vocab},
         "ddi_pairs": None if dataset.ddi is None else pairs,
+        "drug_names": {m: dataset.drug_names.get(m, [])[:3] for m in dataset.med_vocab},
     }
 
 
@@ -568,6 +569,12 @@ def _restore_model(
         )
     model.load_state_dict(state)
     return model.eval()
+
+
+def checkpoint_drug_names(checkpoint: str | Path) -> dict[str, list[str]]:
+    """Per drug of a checkpoint's vocabulary, the most frequent order names behind it in training (up to three), so
+    results can say what an ATC class such as ``N02B`` stood for in this data; read from the JSON meta alone."""
+    return json.loads((Path(checkpoint) / META_FILE).read_text()).get("drug_names", {})
 
 
 def load_trained_medrec(checkpoint: str | Path) -> TrainedMedRec:
@@ -647,6 +654,7 @@ __all__ = [
     "MedRecResult",
     "MetricSummary",
     "bootstrap_rounds",
+    "checkpoint_drug_names",
     "cohort_metrics",
     "ddi_guard_probs",
     "ddi_rate",

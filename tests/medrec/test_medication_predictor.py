@@ -12,6 +12,7 @@ from ehrflow.models.medrec import collate
 from ehrflow.training.medrec import (
     _restore_model,
     build_model,
+    checkpoint_drug_names,
     evaluate_medrec,
     load_prepared,
     load_trained_medrec,
@@ -101,6 +102,9 @@ def test_a_checkpoint_serves_without_the_runs_prepared_data(tiny_medrec, tmp_pat
     trained = load_trained_medrec(moved)
     assert (trained.diag_vocab, trained.med_vocab) == (dataset.diag_vocab, dataset.med_vocab)
     assert np.array_equal(trained.ddi, dataset.ddi) and trained.ddi.any()
+    names = checkpoint_drug_names(moved)
+    assert list(names) == dataset.med_vocab and all(names[m] == dataset.drug_names[m][:3] for m in names)
+    assert all(names[m] for m in dataset.med_vocab[2:])  # every drug but the padding and OOV slots was ordered
     patient = store.get(dataset.patient_ids[0])
     original = MedicationPredictor.from_checkpoint(checkpoint)
     assert np.array_equal(

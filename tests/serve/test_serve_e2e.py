@@ -95,6 +95,7 @@ def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_c
         assert scored["result"]["mortality"]["available"] and 0 < scored["result"]["mortality"]["probability"] < 1
         medications = scored["result"]["medications"]
         assert medications["available"] and all(0.5 <= m["probability"] <= 1 for m in medications["recommended"])
+        assert all(m["names"] for m in medications["recommended"])  # the order names behind each ATC class
 
         answer = client.chat(pid, "Is there any chest pain?")
         assert not answer["no_evidence"] and answer["evidence"] and answer["citations"]

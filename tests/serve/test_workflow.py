@@ -46,8 +46,11 @@ def test_job_result_keeps_citations_and_drops_negated_phenotypes():
     assert result["runs"]["general"]["nodes"][0]["node"] == "report"
 
     general.predictions = {"medication:N02B": 0.6, "medication:C07A": 0.9, "medications_recommended": 2.0}
-    medications = job_result(["medications"], {"general": general})["medications"]
+    medications = job_result(["medications"], {"general": general}, {"N02B": ["Acetaminophen"]})["medications"]
     assert medications == {
         "available": True,
-        "recommended": [{"drug": "C07A", "probability": 0.9}, {"drug": "N02B", "probability": 0.6}],
+        "recommended": [
+            {"drug": "C07A", "names": [], "probability": 0.9},
+            {"drug": "N02B", "names": ["Acetaminophen"], "probability": 0.6},
+        ],
     }
