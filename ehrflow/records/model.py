@@ -152,6 +152,11 @@ class CodedColumn(Sequence[Any]):
     def __iter__(self) -> Iterator[Any]:
         return map(self.table.__getitem__, self.indices.tolist())
 
+    def __reduce__(self) -> tuple[type[CodedColumn], tuple[np.ndarray, list[Any]]]:
+        """Pickled (e.g. one patient sent to a Ray worker) with only the table entries its rows use."""
+        used, indices = np.unique(self.indices, return_inverse=True)
+        return CodedColumn, (indices, [self.table[i] for i in used.tolist()])
+
 
 class Measurements(Sequence[Measurement]):
     """An admission's measurements, held as columns; each item is a ``Measurement`` built on access.

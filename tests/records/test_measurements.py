@@ -99,6 +99,9 @@ def test_coded_columns_share_their_table_and_become_lists_on_change() -> None:
     tail = held[2:]
     assert tail.column("variable").table is names and [m.variable for m in tail] == ["Heart Rate", "Potassium"]
     assert held[1].source_code is codes[1]
+    middle = held[1:3]  # both rows are heart rates: only that table entry travels when pickled
+    shipped = pickle.loads(pickle.dumps(middle))
+    assert shipped == middle and shipped.column("variable").table == ["Heart Rate"]
     held.append(Measurement(time=T0, variable="Sodium", value=140))
     assert type(held.column("variable")) is list and [m.variable for m in held][-2:] == ["Potassium", "Sodium"]
     assert len(tail) == 2  # the slice taken before the change is its own sequence
