@@ -216,6 +216,21 @@ def test_fast_measurements_equal_validated(tmp_path: Path) -> None:
             assert type(m).model_validate(m.model_dump()) == m
 
 
+def test_staging_in_memory_or_in_a_file_gives_the_same_patients(tmp_path: Path, monkeypatch) -> None:
+    import duckdb
+
+    databases: list[str] = []
+    connect = duckdb.connect
+    monkeypatch.setattr(
+        duckdb, "connect", lambda database, *a, **k: databases.append(database) or connect(database, *a, **k)
+    )
+    path = write_tables(tmp_path / "m3", TINY3)
+    in_memory, _ = load(Mimic3Loader(), path)
+    on_disk, _ = load(Mimic3Loader(in_memory_below_bytes=0, workdir=tmp_path), path)
+    assert databases[0] == ":memory:" and databases[1].endswith("stage.duckdb")
+    assert on_disk == in_memory and sum(len(p.all_measurements()) for p in on_disk) == 3
+
+
 def test_uppercase_headers_and_plain_csv(tmp_path: Path) -> None:
     upper = {name: [lines[0].upper(), *lines[1:]] for name, lines in TINY3.items()}
     patients, sink = load(Mimic3Loader(), write_tables(tmp_path / "m3", upper, gz=False))
