@@ -514,10 +514,9 @@ def train_medrec(config: MedRecConfig) -> MedRecResult:
 def _serving_meta(dataset: MedRecDataset) -> dict[str, Any]:
     """What a checkpoint needs besides its weights to score a patient: the vocabularies and the DDI pairs (so
     serving never reads the run's prepared data, which holds every training visit)."""
-    pairs = [] if dataset.ddi is None else np.argwhere(np.triu(dataset.ddi) > 0).tolist()
     return {
         "vocabularies": {"diag": dataset.diag_vocab, "proc": dataset.proc_vocab, "med": dataset.med_vocab},
-        "ddi_pairs": None if dataset.ddi is None else pairs,
+        "ddi_pairs": None if dataset.ddi is None else np.argwhere(np.triu(dataset.ddi) > 0).tolist(),
         "drug_names": {m: dataset.drug_names.get(m, [])[:3] for m in dataset.med_vocab},
     }
 
