@@ -233,9 +233,28 @@ class Measurements(Sequence[Measurement]):
         return len(self._columns[0])
 
     @staticmethod
-    def _build(row: tuple[Any, ...]) -> Measurement:
+    def _build(
+        time: dt.datetime,
+        variable: str,
+        value: float | None,
+        text_value: str | None,
+        unit: str | None,
+        source_code: Code | None,
+    ) -> Measurement:
+        """One item without re-running the validators: the columns hold only values that passed them."""
         m = _new_measurement(Measurement)
-        _set_attr(m, "__dict__", dict(zip(_MEASUREMENT_FIELDS, row, strict=True)))
+        _set_attr(
+            m,
+            "__dict__",
+            {
+                "time": time,
+                "variable": variable,
+                "value": value,
+                "text_value": text_value,
+                "unit": unit,
+                "source_code": source_code,
+            },
+        )
         _set_attr(m, "__pydantic_fields_set__", set(_MEASUREMENT_FIELDS))
         _set_attr(m, "__pydantic_extra__", None)
         _set_attr(m, "__pydantic_private__", None)
@@ -248,10 +267,10 @@ class Measurements(Sequence[Measurement]):
     def __getitem__(self, index: int | slice) -> Measurement | Measurements:
         if isinstance(index, slice):
             return Measurements.from_checked_columns(*(c[index] for c in self._columns))
-        return self._build(tuple(c[index] for c in self._columns))
+        return self._build(*(c[index] for c in self._columns))
 
     def __iter__(self) -> Iterator[Measurement]:
-        return map(self._build, zip(*self._columns, strict=True))
+        return map(self._build, *self._columns)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Measurements):
