@@ -329,6 +329,24 @@ def test_skip_invalid_lists_and_keeps_the_rest(tmp_path: Path) -> None:
     assert [m.variable for m in patients[0].admissions[0].measurements] == ["Heart Rate"]
 
 
+def test_errors_of_both_measurement_tables_are_reported_in_table_order(store: PatientStore, tmp_path: Path) -> None:
+    """LABEVENTS and CHARTEVENTS are staged at once; their errors still come labevents first, as before."""
+    labs = [*TINY3["LABEVENTS.csv"]]
+    labs[3] = labs[3].replace("2140-03-04 06:00:00", "2140-03-04 99:00:00")
+    chart = [*TINY3["CHARTEVENTS.csv"]]
+    chart[1] = chart[1].replace(",88,bpm", ",fast,bpm")
+    tables = with_rows(with_rows(TINY3, "LABEVENTS.csv", labs), "CHARTEVENTS.csv", chart)
+    _, sink = load(Mimic3Loader(), write_tables(tmp_path / "m3", tables), skip_invalid=True)
+    assert [(Path(r.source).name, r.location, r.field) for r in sink.rejected] == [
+        ("LABEVENTS.csv.gz", "line 4", "charttime"),
+        ("CHARTEVENTS.csv.gz", "line 2", "valuenum"),
+    ]
+    err = _bad_ingest(store, tmp_path, tables)  # strict: the first of them, and the store unchanged
+    assert err.source.endswith("LABEVENTS.csv.gz") and err.location == "line 4"
+    err = _bad_ingest(store, tmp_path / "chart", with_rows(TINY3, "CHARTEVENTS.csv", chart))
+    assert err.source.endswith("CHARTEVENTS.csv.gz") and err.location == "line 2" and err.field == "valuenum"
+
+
 TINY4 = {
     "hosp/patients.csv": [
         "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod",

@@ -38,6 +38,7 @@ import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -501,26 +502,44 @@ class _Staging:
                 continue
             if not self._stage(table) and table.required:
                 return False
-        for table in (self.tables["labevents"], self.tables["chartevents"]):
-            self._stage(table, measurements=True)
+        # The measurement tables are the bulk and independent of each other, and DuckDB reads a gzip CSV on one
+        # thread: chartevents is staged on a second connection meanwhile (0.07 s of 1.7 s on the MIMIC-III demo).
+        # Its errors are collected and reported after labevents', as a sequential load would order them.
+        deferred = ErrorSink(skip_invalid=True)
+        with ThreadPoolExecutor(max_workers=1) as pool, self.con.cursor() as cursor:
+            chart = pool.submit(self._stage, self.tables["chartevents"], True, cursor, deferred)
+            try:
+                self._stage(self.tables["labevents"], measurements=True)
+            finally:
+                chart.result()
+        for err in deferred.rejected:
+            self.sink.report(RecordError(err.source, err.location, err.field, err.message))
         self._check()
         return True
 
-    def _stage(self, table: _Table, measurements: bool = False) -> bool:
+    def _stage(
+        self,
+        table: _Table,
+        measurements: bool = False,
+        con: duckdb.DuckDBPyConnection | None = None,
+        sink: ErrorSink | None = None,
+    ) -> bool:
+        """Stage one table through ``con`` (default the loader's connection), reporting to ``sink`` (default its
+        sink)."""
+        con = self.con if con is None else con
+        sink = self.sink if sink is None else sink
         path = next((p for stem in table.files if (p := _find_file(self.unit, stem)) is not None), None)
         if path is None:
             if table.required:
                 expected = f"{table.files[0]}.csv[.gz]"
-                self.sink.report(
-                    RecordError(self.unit / expected, None, None, f"required table {table.name} is missing")
-                )
+                sink.report(RecordError(self.unit / expected, None, None, f"required table {table.name} is missing"))
             else:
                 log.debug("%s: optional table %s absent", self.unit, table.name)
             return False
         try:
             header = _read_header(path)
         except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-            self.sink.report(RecordError(path, "line 1", None, f"cannot read the file: {exc}"))
+            sink.report(RecordError(path, "line 1", None, f"cannot read the file: {exc}"))
             return False
         by_lower = {h.strip().lower(): h for h in header}
         selects = []
@@ -528,7 +547,7 @@ class _Staging:
         for col in table.columns:
             actual = by_lower.get(col.source) if col.source else None
             if col.source and actual is None and col.required:
-                self.sink.report(RecordError(path, "line 1", col.source, "required column is missing from the header"))
+                sink.report(RecordError(path, "line 1", col.source, "required column is missing from the header"))
                 return False
             if actual is None:
                 selects.append(f"{col.default} AS {col.name}")
@@ -544,23 +563,23 @@ class _Staging:
         source = f"(SELECT {', '.join(selects)} FROM read_csv({_sql_str(str(path))}, {options}))"
         query = self._measurement_sql(table, source) if measurements else self._plain_sql(table, source)
         try:
-            self.con.execute(query)
+            con.execute(query)
         except duckdb.Error as exc:
             message = str(exc).splitlines()[0]
             line = _complete_lines(path) if path.name.lower().endswith(".gz") else None
             where = None if line is None else f"line {line + 1}"
-            self.sink.report(RecordError(path, where, None, f"truncated or corrupt file: {message}"))
+            sink.report(RecordError(path, where, None, f"truncated or corrupt file: {message}"))
             return False
         self.files[table.name] = path
         self.present.add(table.name)
         reported: set[int] = set()
-        rejects = self.con.execute(
+        rejects = con.execute(
             f"SELECT line, column_name, error_message FROM rej_{table.name} ORDER BY line, column_idx"
         ).fetchall()
         for line, column, message in rejects:
             if line not in reported:
                 reported.add(line)
-                self.sink.report(RecordError(path, f"line {line}", (column or "").lower() or None, message))
+                sink.report(RecordError(path, f"line {line}", (column or "").lower() or None, message))
         return True
 
     @staticmethod
