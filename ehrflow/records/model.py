@@ -128,8 +128,8 @@ _set_attr = object.__setattr__
 
 
 class CodedColumn(Sequence[Any]):
-    """A column of values repeated across rows (times, item names, codes): per row, an index into a table of the
-    distinct values. Slices share the table and view the indices, so splitting a batch per admission copies nothing."""
+    """A column of values repeated across rows (times, item names, codes): per row, an index into a table of values
+    built once each. Slices share the table and view the indices, so splitting a batch per admission copies nothing."""
 
     __slots__ = ("indices", "table")
 

@@ -216,6 +216,19 @@ def test_fast_measurements_equal_validated(tmp_path: Path) -> None:
             assert type(m).model_validate(m.model_dump()) == m
 
 
+@pytest.mark.parametrize("spread", [1000, 10**12], ids=["lookup", "sorted"])
+def test_item_codes_match_numpy_unique(spread: int) -> None:
+    """Item keys get the codes ``np.unique`` would give, whether they fit a lookup table or not."""
+    import numpy as np
+
+    from ehrflow.records.loaders.mimic import _dense_codes
+
+    keys = np.random.default_rng(0).integers(0, spread, 5000)
+    distinct, codes = _dense_codes(keys)
+    expected_distinct, expected_codes = np.unique(keys, return_inverse=True)
+    assert distinct.tolist() == expected_distinct.tolist() and codes.tolist() == expected_codes.tolist()
+
+
 def test_staging_in_memory_or_in_a_file_gives_the_same_patients(tmp_path: Path, monkeypatch) -> None:
     import duckdb
 
@@ -330,7 +343,7 @@ def test_skip_invalid_lists_and_keeps_the_rest(tmp_path: Path) -> None:
 
 
 def test_errors_of_both_measurement_tables_are_reported_in_table_order(store: PatientStore, tmp_path: Path) -> None:
-    """LABEVENTS and CHARTEVENTS are staged at once; their errors still come labevents first, as before."""
+    """CHARTEVENTS is staged beside the other tables; its errors still come after LABEVENTS', as before."""
     labs = [*TINY3["LABEVENTS.csv"]]
     labs[3] = labs[3].replace("2140-03-04 06:00:00", "2140-03-04 99:00:00")
     chart = [*TINY3["CHARTEVENTS.csv"]]

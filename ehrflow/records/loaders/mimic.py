@@ -496,22 +496,25 @@ class _Staging:
 
     # -- staging -------------------------------------------------------------------------
     def stage_all(self) -> bool:
-        """Stage every table; ``False`` when a required table could not be staged."""
-        for table in self.loader.tables:
-            if table.name in ("labevents", "chartevents"):
-                continue
-            if not self._stage(table) and table.required:
-                return False
-        # The measurement tables are the bulk and independent of each other, and DuckDB reads a gzip CSV on one
-        # thread: chartevents is staged on a second connection meanwhile (0.07 s of 1.7 s on the MIMIC-III demo).
-        # Its errors are collected and reported after labevents', as a sequential load would order them.
+        """Stage every table; ``False`` when a required table could not be staged.
+
+        CHARTEVENTS is the bulk and DuckDB reads a gzip CSV on one thread, so it is staged on a second connection
+        as soon as the tables it joins (admissions, ICU stays) are staged, while the others stage on the first
+        (0.1 s of ~1.3 s on the MIMIC-III demo). Its errors are collected and reported after the other tables'."""
         deferred = ErrorSink(skip_invalid=True)
         with ThreadPoolExecutor(max_workers=1) as pool, self.con.cursor() as cursor:
-            chart = pool.submit(self._stage, self.tables["chartevents"], True, cursor, deferred)
+            chart = None
             try:
-                self._stage(self.tables["labevents"], measurements=True)
+                for table in self.loader.tables:
+                    if table.name == "chartevents":
+                        continue
+                    if not self._stage(table, measurements=table.name == "labevents") and table.required:
+                        return False
+                    if table.name == "icustays":
+                        chart = pool.submit(self._stage, self.tables["chartevents"], True, cursor, deferred)
             finally:
-                chart.result()
+                if chart is not None:
+                    chart.result()
         for err in deferred.rejected:
             self.sink.report(RecordError(err.source, err.location, err.field, err.message))
         self._check()
@@ -930,10 +933,16 @@ class _Staging:
         hadm = np.ma.getdata(result["hadm_id"])
         if not len(hadm):
             return
-        # each distinct time and item is built once and shared by its rows
-        distinct_times, time_rows = np.unique(np.ma.getdata(result["t"]), return_inverse=True)
-        times = [_EPOCH + dt.timedelta(microseconds=us) for us in distinct_times.tolist()]
-        distinct_items, item_rows = np.unique(np.ma.getdata(result["item_key"]), return_inverse=True)
+        # Each time is built once per admission (rows come sorted by admission then time, so a run of equal times
+        # is found in one pass, no sort) and each item once per batch; their rows share it.
+        t = np.ma.getdata(result["t"])
+        new_time = np.empty(len(t), dtype=bool)
+        new_time[0] = True
+        np.not_equal(t[1:], t[:-1], out=new_time[1:])
+        new_time[1:] |= hadm[1:] != hadm[:-1]
+        time_rows = np.cumsum(new_time) - 1
+        times = [_EPOCH + dt.timedelta(microseconds=us) for us in t[new_time].tolist()]
+        distinct_items, item_rows = _dense_codes(np.ma.getdata(result["item_key"]))
         labels, codes = [], []
         for key in distinct_items.tolist():
             itemid = key >> 1
@@ -954,6 +963,18 @@ class _Staging:
                     unit_col[lo:hi],
                     code_col[lo:hi],
                 )
+
+
+def _dense_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for non-negative integer keys. Item ids span a few hundred
+    thousand values, so a lookup table over that span replaces the sort (0.09 s -> 0.002 s for the MIMIC-III
+    demo's 817k rows); keys spread wider than the rows warrant fall back to the sort."""
+    low, high = int(keys.min()), int(keys.max())
+    if low < 0 or high >= 4 * len(keys) + 2**20:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(high + 1, dtype=bool)
+    present[keys] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[keys]
 
 
 def _nullable(column: np.ndarray) -> list[Any]:
