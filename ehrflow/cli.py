@@ -305,7 +305,14 @@ def train_fusion_cmd(settings: Settings, config_path: Path, resume: bool) -> Non
         result = train_fusion_from_file(config_path, resume=resume, default_store_url=settings.patient_store_url)
     except (ValidationError, ModalityError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(f"{config_path}: {err}") from err
-    _echo_json({"checkpoint": result.checkpoint, "best_epoch": result.best_epoch, "test": result.test_metrics})
+    _echo_json(
+        {
+            "checkpoint": result.checkpoint,
+            "best_epoch": result.best_epoch,
+            "test": result.test_metrics,
+            **({"tree_blend": result.tree_blend} if result.tree_blend else {}),
+        }
+    )
     click.echo(f"model card: {result.model_card}; use it with EHRFLOW_MODELS__FUSION_CHECKPOINT={result.checkpoint}")
 
 

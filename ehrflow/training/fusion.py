@@ -57,6 +57,7 @@ from ehrflow.training.ray_utils import (
     world_rank,
     world_size,
 )
+from ehrflow.training.tree_blend import TreeBlend, TreeBlendOptions, fit_tree_blend
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class FusionTrainConfig(BaseModel):
     text: TextOptions = Field(default_factory=TextOptions)
     train: OptimConfig = Field(default_factory=OptimConfig)
     ray: RayTrainConfig = Field(default_factory=lambda: RayTrainConfig(name="fusion"))
+    trees: TreeBlendOptions = Field(default_factory=TreeBlendOptions)
+    """Boosted trees on summary statistics blended with the network (``ehrflow.training.tree_blend``)."""
     n_bootstrap: int = Field(1000, ge=0)
 
     @model_validator(mode="after")
@@ -182,6 +185,8 @@ class FusionResult:
     plots: list[Path] = field(default_factory=list)
     epochs_run: int = 0
     wall_seconds: float = 0.0
+    tree_blend: dict[str, Any] | None = None
+    """Per task, the boosting rounds and network weight of the tree blend (``None`` without one)."""
 
 
 # ---------------------------------------------------------------- data
@@ -565,6 +570,11 @@ def train_fusion(
     if result.checkpoint is None:
         raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
     checkpoint = Path(result.checkpoint.path)
+    if config.trees.enabled:
+        model, _ = load_fusion_model(checkpoint)
+        val = prepared.splits["val"]
+        val_scores = predict(model, to_tensors(val, model.cfg), list(model.cfg.tasks))
+        fit_tree_blend(config.trees, prepared.splits["train"], val, val_scores).save(checkpoint)
     evaluation = evaluate_fusion(checkpoint, prepared=prepared, n_bootstrap=config.n_bootstrap)
     return FusionResult(
         run_dir=run_dir,
@@ -578,6 +588,7 @@ def train_fusion(
         plots=[Path(p) for p in evaluation["plots"]],
         epochs_run=int((result.metrics or {}).get("epoch", -1)) + 1,
         wall_seconds=time.perf_counter() - started,
+        tree_blend=evaluation["tree_blend"],
     )
 
 
@@ -647,7 +658,9 @@ def evaluate_fusion(
     """Evaluate a checkpoint: on ``patients`` (featurised with its saved ``Normalizer``) or its test split.
 
     Writes plots and ``model_card.json`` to ``output_dir`` (default ``<run dir>/eval``) and returns
-    ``{"metrics", "baseline", "best_epoch", "model_card", "plots", "n"}``.
+    ``{"metrics", "network_metrics", "tree_blend", "baseline", "best_epoch", "model_card", "plots", "n"}``;
+    with a tree blend beside the checkpoint, ``metrics`` are the blend's and ``network_metrics`` the network's
+    alone (else ``None``).
     """
     checkpoint = Path(checkpoint)
     model, meta = load_fusion_model(checkpoint)
@@ -669,6 +682,13 @@ def evaluate_fusion(
     scores = predict(model, tensors, tasks)
     labels, masks = _labels(tensors, tasks)
     phenotype_names = meta.get("phenotype_names", [])
+    blend = TreeBlend.load(checkpoint)
+    network_metrics = None
+    if blend is not None:
+        network_metrics = evaluate_predictions(
+            labels, masks, scores, n_bootstrap=n_bootstrap, phenotype_names=phenotype_names
+        )
+        scores = blend.apply(split, scores)
     metrics = evaluate_predictions(labels, masks, scores, n_bootstrap=n_bootstrap, phenotype_names=phenotype_names)
     baseline = _baseline(prepared, split, tasks, n_bootstrap)
     output_dir = Path(output_dir) if output_dir is not None else config.ray.run_dir / "eval"
@@ -678,7 +698,8 @@ def evaluate_fusion(
             plots += plot_binary(labels[task][masks[task]], scores[task][masks[task]], output_dir, task)
     card = write_model_card(
         output_dir / "model_card.json",
-        model=f"ehrflow fusion ({model_cfg.variant}, {model_cfg.encoder} encoder)",
+        model=f"ehrflow fusion ({model_cfg.variant}, {model_cfg.encoder} encoder)"
+        + (" blended with boosted trees on summary statistics" if blend is not None else ""),
         data={
             "split_evaluated": split_name,
             "n_evaluated": len(split),
@@ -691,7 +712,12 @@ def evaluate_fusion(
         split=config.split.model_dump(mode="json"),
         metrics=metrics,
         baseline={"model": "logistic regression on summary statistics + static", "metrics": baseline},
-        config={"train": meta["config"], "model": meta["model_config"], "checkpoint": str(checkpoint)},
+        config={
+            "train": meta["config"],
+            "model": meta["model_config"],
+            "checkpoint": str(checkpoint),
+            **({"tree_blend": blend.describe(), "network_alone_metrics": network_metrics} if blend else {}),
+        },
         plots=plots,
         limitations=[
             "Metrics are for the cohort and split named above; they do not transfer to other hospitals unvalidated.",
@@ -700,6 +726,8 @@ def evaluate_fusion(
     )
     return {
         "metrics": metrics,
+        "network_metrics": network_metrics,
+        "tree_blend": blend.describe() if blend is not None else None,
         "baseline": baseline,
         "best_epoch": meta.get("best_epoch"),
         "model_card": str(card),

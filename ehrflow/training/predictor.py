@@ -30,6 +30,7 @@ from ehrflow.records.model import Admission, Patient
 from ehrflow.training.features import FeatureReport, Normalizer, TextEncoder, extract_stays, load_text_encoder
 from ehrflow.training.fusion import FusionTrainConfig, load_fusion_model, predict, to_tensors
 from ehrflow.training.outputs import MEDICATION_PREFIX, MEDICATIONS_RECOMMENDED
+from ehrflow.training.tree_blend import TreeBlend
 
 if TYPE_CHECKING:
     from ehrflow.agents.types import HealthSummary
@@ -72,11 +73,13 @@ class FusionPredictor:
         normalizer: Normalizer,
         phenotype_names: list[str],
         text_encoder: TextEncoder | None = None,
+        blend: TreeBlend | None = None,
     ):
         self.model = model.eval()
         self.normalizer = normalizer
         self.phenotype_names = phenotype_names
         self.text_encoder = text_encoder
+        self.blend = blend
         if model.cfg.uses_text and text_encoder is None:
             raise ValueError("the model uses text modalities: a text encoder is required")
 
@@ -90,7 +93,7 @@ class FusionPredictor:
             config = FusionTrainConfig.model_validate(meta["config"])
             text_encoder = load_text_encoder(config.text.encoder, config.text.cache_dir)
         names = list(meta.get("phenotype_names") or normalizer.config.phenotype_groups)
-        return cls(model, normalizer, names, text_encoder)
+        return cls(model, normalizer, names, text_encoder, TreeBlend.load(path))
 
     @property
     def outputs(self) -> list[str]:
@@ -118,6 +121,8 @@ class FusionPredictor:
             raise PredictionUnavailable("none of the admission's measurements is a variable the model was trained on")
         log.debug("predictor features for %s: %s", admission.id, report.model_dump(exclude={"warnings"}))
         scores = predict(self.model, to_tensors(features, self.model.cfg), list(self.model.cfg.tasks))
+        if self.blend is not None:
+            scores = self.blend.apply(features, scores)
         out: dict[str, float] = {}
         for task, values in scores.items():
             if task == "phenotypes":
