@@ -11,7 +11,14 @@ from ehrflow.models.trees import TreeEnsemble
 from ehrflow.training.features import FeatureSet
 from ehrflow.training.fusion import evaluate_fusion, load_fusion_model, predict, to_tensors, train_fusion
 from ehrflow.training.predictor import FusionPredictor
-from ehrflow.training.tree_blend import BLEND_DIR, WEIGHT_GRID, TreeBlend, tree_features
+from ehrflow.training.tree_blend import (
+    BLEND_DIR,
+    TRAJECTORY_STAT_NAMES,
+    WEIGHT_GRID,
+    TreeBlend,
+    trajectory_stats,
+    tree_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,30 @@ def test_fusion_run_with_trees_blends_in_evaluation_and_prediction(physionet_sta
     by_id = {p.id: p for p in patients}
     for pid, probability in zip(test.patient_ids[:8], expected[:8], strict=True):
         assert predictor(by_id[pid])["mortality"] == pytest.approx(float(probability), abs=1e-5)
+
+
+def test_trajectory_statistics_by_hand():
+    # one stay, 8 bins, variable 0 seen at bins 1, 3 and 7; variable 1 never seen
+    values = np.zeros((1, 8, 2), dtype=np.float32)
+    mask = np.zeros((1, 8, 2), dtype=bool)
+    values[0, [1, 3, 7], 0] = [1.0, 2.0, 6.0]
+    mask[0, [1, 3, 7], 0] = True
+    stats = trajectory_stats(values, mask).reshape(len(TRAJECTORY_STAT_NAMES), 2)
+    seen = dict(zip(TRAJECTORY_STAT_NAMES, stats[:, 0], strict=True))
+    unseen = dict(zip(TRAJECTORY_STAT_NAMES, stats[:, 1], strict=True))
+    assert seen["std"] == pytest.approx(np.std([1.0, 2.0, 6.0]))
+    assert seen["mean_first_half"] == pytest.approx(1.5)
+    assert seen["mean_second_half"] == seen["mean_last_quarter"] == pytest.approx(6.0)
+    assert seen["slope_per_bin"] == pytest.approx(np.polyfit([1, 3, 7], [1.0, 2.0, 6.0], 1)[0])
+    assert seen["bins_since_last"] == 0 and seen["bins_observed"] == 3
+    assert unseen["bins_observed"] == 0
+    assert all(np.isnan(unseen[name]) for name in TRAJECTORY_STAT_NAMES if name != "bins_observed")
+
+
+def test_a_blend_fitted_on_other_features_is_refused(fitted, tmp_path):
+    TreeBlend({"mortality": TreeEnsemble.from_sklearn(fitted[0])}, {"mortality": 0.5}).save(tmp_path)
+    blend_json = tmp_path / BLEND_DIR / "blend.json"
+    assert TreeBlend.load(tmp_path).network_weight == {"mortality": 0.5}
+    blend_json.write_text(json.dumps({"network_weight": {"mortality": 0.5}}))  # written before trajectory stats
+    with pytest.raises(ValueError, match="blend.json: trees fitted on features None"):
+        TreeBlend.load(tmp_path)
