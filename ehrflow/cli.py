@@ -175,12 +175,12 @@ def kg_info(settings: Settings) -> None:
 
 
 def _patient_job(settings: Settings):
-    from ehrflow.graph.checkpoint import sqlite_checkpointer
+    from ehrflow.graph.checkpoint import open_checkpointer
     from ehrflow.graph.deps import WorkflowDeps
     from ehrflow.graph.patient_job import build_patient_job
 
     deps = WorkflowDeps.from_settings(settings, progress=True)
-    return deps, build_patient_job(deps, sqlite_checkpointer(settings.checkpoint_path))
+    return deps, build_patient_job(deps, open_checkpointer(settings.checkpoint_location))
 
 
 @main.command()
@@ -247,12 +247,12 @@ def run(
 def chat(settings: Settings, patient_id: str, conversation: str, message: str | None) -> None:
     """Ask questions about one patient; answers cite the note chunks they rest on."""
     from ehrflow.graph.chat import ask, build_chat
-    from ehrflow.graph.checkpoint import sqlite_checkpointer
+    from ehrflow.graph.checkpoint import open_checkpointer
     from ehrflow.graph.deps import PatientNotFound, WorkflowDeps
 
     settings.home.mkdir(parents=True, exist_ok=True)
     deps = WorkflowDeps.from_settings(settings, progress=True)
-    graph = build_chat(deps, sqlite_checkpointer(settings.checkpoint_path))
+    graph = build_chat(deps, open_checkpointer(settings.checkpoint_location))
     questions = [message] if message else iter(lambda: click.prompt("question (empty to quit)", default=""), "")
     for question in questions:
         try:

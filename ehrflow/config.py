@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     """Where the embedded stores live (SQLite, Chroma, checkpoints, caches)."""
     store_url: str | None = None
     """SQLAlchemy URL of the patient store; default ``sqlite:///<home>/patients.db``."""
+    checkpoint_url: str | None = None
+    """Where LangGraph checkpoints of patient jobs and chats live: a ``postgresql://`` URL on a cluster (every
+    Workflow replica shares it), default the SQLite file ``<home>/checkpoints.sqlite``."""
     ray: RaySettings = Field(default_factory=RaySettings)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
@@ -109,9 +112,8 @@ class Settings(BaseSettings):
         return self.chroma.path or self.home / "chroma"
 
     @property
-    def checkpoint_path(self) -> Path:
-        """LangGraph checkpoints of patient jobs and chats."""
-        return self.home / "checkpoints.sqlite"
+    def checkpoint_location(self) -> str:
+        return self.checkpoint_url or str(self.home / "checkpoints.sqlite")
 
     @classmethod
     def settings_customise_sources(

@@ -1,7 +1,7 @@
 """LangGraph workflows: the patient job (EMERGE pipeline) and the chat agent."""
 
 from ehrflow.graph.chat import ChatAnswer, ChatConfig, ask, build_chat
-from ehrflow.graph.checkpoint import sqlite_checkpointer
+from ehrflow.graph.checkpoint import open_checkpointer
 from ehrflow.graph.cohort import WorkflowResultStore, run_cohort
 from ehrflow.graph.deps import PatientNotFound, WorkflowDeps
 from ehrflow.graph.patient_job import PatientJobState, build_patient_job, render_report, run_patient_job
@@ -19,5 +19,5 @@ __all__ = [
     "render_report",
     "run_cohort",
     "run_patient_job",
-    "sqlite_checkpointer",
+    "open_checkpointer",
 ]

@@ -1,4 +1,5 @@
-"""The SQLite checkpointer shared by the patient-job and chat workflows.
+"""The checkpointer shared by the patient-job and chat workflows: a SQLite file on one machine, PostgreSQL on a
+cluster (every Workflow replica, on any node, then resumes the same jobs and continues the same chats).
 
 Checkpoints are (de)serialised with an explicit allow-list of ehrflow's state types, so a
 tampered checkpoint cannot make LangGraph construct arbitrary classes.
@@ -7,8 +8,10 @@ tampered checkpoint cannot make LangGraph construct arbitrary classes.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 from pydantic import BaseModel
@@ -27,8 +30,45 @@ def state_types() -> list[type[BaseModel]]:
     return [PatientJobState, ChatState, ChatTurn, agent_types.Finding, *own]
 
 
-def sqlite_checkpointer(path: str | Path) -> SqliteSaver:
-    path = Path(path)
+def open_checkpointer(location: str | Path) -> BaseCheckpointSaver:
+    """A checkpointer for a SQLite file (a path or ``sqlite:///path``) or a PostgreSQL database (a
+    ``postgresql://`` URL, SQLAlchemy's ``postgresql+psycopg://`` form included; needs ``ehrflow[postgres]``)."""
+    serde = JsonPlusSerializer(allowed_msgpack_modules=state_types())
+    text = str(location)
+    if text.startswith("postgresql"):
+        return _postgres_checkpointer(text, serde)
+    if "://" in text:
+        if not text.startswith("sqlite:///"):
+            raise ValueError(f"checkpoint location {text!r}: expected a file path, sqlite:/// or postgresql:// URL")
+        text = text.removeprefix("sqlite:///")
+    path = Path(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), check_same_thread=False)
-    return SqliteSaver(conn, serde=JsonPlusSerializer(allowed_msgpack_modules=state_types()))
+    return SqliteSaver(conn, serde=serde)
+
+
+def _postgres_checkpointer(url: str, serde: JsonPlusSerializer) -> BaseCheckpointSaver:
+    try:
+        from langgraph.checkpoint.postgres import PostgresSaver
+        from psycopg import Connection, errors
+        from psycopg.rows import dict_row
+    except ImportError as exc:
+        raise ImportError(
+            "a postgresql:// checkpoint URL needs langgraph-checkpoint-postgres: pip install 'ehrflow[postgres]'"
+        ) from exc
+    import sqlalchemy as sa
+
+    conninfo = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    # the settings LangGraph's own from_conn_string uses: autocommit, no prepared statements, rows as dicts
+    conn = Connection.connect(conninfo, autocommit=True, prepare_threshold=0, row_factory=dict_row)
+    saver = PostgresSaver(conn, serde=serde)
+    # creates or migrates the tables; replicas starting together race on them, and the loser retries
+    for attempt in range(3):
+        try:
+            saver.setup()
+            break
+        except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    return saver

@@ -3,7 +3,7 @@
     START ─┬─ extract_notes ──────┬─ ground ─ retrieve ─ summarize ─ predict ─ report ─ END
            └─ extract_timeseries ─┘
 
-The notes and time-series branches run in parallel. A SQLite checkpointer saves the state
+The notes and time-series branches run in parallel. A checkpointer (SQLite, or PostgreSQL) saves the state
 after every node, keyed by the job's thread id, so a killed job resumes from its last finished
 node. Every node records its wall time and outcome in ``state.runs``; a patient without notes or
 without measurements still completes, with the missing branch marked ``skipped``.
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
@@ -68,7 +68,7 @@ def _node(name: str, fn: Callable[[PatientJobState], dict[str, Any]]) -> Callabl
     return run
 
 
-def build_patient_job(deps: WorkflowDeps, checkpointer: SqliteSaver | None = None):  # noqa: ANN201
+def build_patient_job(deps: WorkflowDeps, checkpointer: BaseCheckpointSaver | None = None):  # noqa: ANN201
     """Compile the workflow over ``deps`` (stores, KG, indexes, LLM, agents)."""
 
     def extract_notes(state: PatientJobState) -> dict[str, Any]:

@@ -91,11 +91,12 @@ class LocalWorkflow:
     """
 
     def __init__(self, settings: Settings, deps: Any = None):
-        from ehrflow.graph import WorkflowDeps, build_chat, build_patient_job, sqlite_checkpointer
+        from ehrflow.graph import WorkflowDeps, build_chat, build_patient_job, open_checkpointer
 
         self.deps = deps if deps is not None else WorkflowDeps.from_settings(settings)
-        self.job_graph = build_patient_job(self.deps, sqlite_checkpointer(settings.checkpoint_path))
-        self.chat_graph = build_chat(self.deps, sqlite_checkpointer(settings.checkpoint_path))
+        checkpointer = open_checkpointer(settings.checkpoint_location)
+        self.job_graph = build_patient_job(self.deps, checkpointer)
+        self.chat_graph = build_chat(self.deps, checkpointer)
         self._lock = threading.Lock()
         self.drug_names: dict[str, list[str]] = {}
         if settings.models.medrec_checkpoint is not None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ehrflow.graph.chat import MAX_QUESTION_CHARS, ask, build_chat
-from ehrflow.graph.checkpoint import sqlite_checkpointer
+from ehrflow.graph.checkpoint import open_checkpointer
 from tests.graph.conftest import CRAFTED_ID
 
 
 @pytest.fixture(scope="module")
 def chat_graph(workflow_deps, tmp_path_factory):
-    return build_chat(workflow_deps, sqlite_checkpointer(tmp_path_factory.mktemp("chat") / "chat.sqlite"))
+    return build_chat(workflow_deps, open_checkpointer(tmp_path_factory.mktemp("chat") / "chat.sqlite"))
 
 
 def test_real_local_model_answers_a_demo_patient_question_citing_existing_chunks(

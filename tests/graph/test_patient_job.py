@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ehrflow.graph.checkpoint import sqlite_checkpointer
+from ehrflow.graph.checkpoint import open_checkpointer
 from ehrflow.graph.patient_job import NODES, build_patient_job, run_patient_job
 from tests.graph.conftest import CRAFTED_ID
 
@@ -23,7 +23,7 @@ def _cited_ids_exist(state, deps) -> None:
 
 def test_real_local_model_end_to_end_on_a_demo_patient(workflow_deps, synthea_patient_id, tmp_path):
     calls_before = workflow_deps.llm.usage.calls + workflow_deps.llm.usage.cache_hits
-    graph = build_patient_job(workflow_deps, sqlite_checkpointer(tmp_path / "ckpt.sqlite"))
+    graph = build_patient_job(workflow_deps, open_checkpointer(tmp_path / "ckpt.sqlite"))
     state = run_patient_job(graph, synthea_patient_id, "mortality")
 
     assert workflow_deps.llm.usage.calls + workflow_deps.llm.usage.cache_hits > calls_before  # the LLM took part
@@ -42,7 +42,7 @@ def test_real_local_model_end_to_end_on_a_demo_patient(workflow_deps, synthea_pa
 
 
 def test_negated_and_family_mentions_are_not_grounded(workflow_deps, tmp_path):
-    graph = build_patient_job(workflow_deps, sqlite_checkpointer(tmp_path / "ckpt.sqlite"))
+    graph = build_patient_job(workflow_deps, open_checkpointer(tmp_path / "ckpt.sqlite"))
     state = run_patient_job(graph, CRAFTED_ID, "general")
 
     mentions = {e.text.lower(): e for e in state.note_entities}
@@ -60,7 +60,8 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_a_job_interrupted_after_extraction_resumes_without_redoing_it(workflow_deps, tmp_path):
+def test_a_job_interrupted_after_extraction_resumes_without_redoing_it(workflow_deps, database_url):
+    """On a SQLite file and on PostgreSQL (the cluster's checkpoint store)."""
     extraction_calls = []
 
     def counting_extraction(notes):
@@ -70,15 +71,15 @@ def test_a_job_interrupted_after_extraction_resumes_without_redoing_it(workflow_
     def crashing_grounding(entities, findings):
         raise _Crash("killed after extraction")
 
-    checkpoints = tmp_path / "ckpt.sqlite"
+    checkpoints = database_url
     crashing = dataclasses.replace(workflow_deps, extraction=counting_extraction, grounding=crashing_grounding)
     with pytest.raises(_Crash):
-        run_patient_job(build_patient_job(crashing, sqlite_checkpointer(checkpoints)), CRAFTED_ID, "mortality")
+        run_patient_job(build_patient_job(crashing, open_checkpointer(checkpoints)), CRAFTED_ID, "mortality")
     assert len(extraction_calls) == 1
 
-    # a new process would open the same checkpoint file: so does this graph
+    # a new process (or a replica on another node) would open the same checkpoint store: so does this graph
     healthy = dataclasses.replace(workflow_deps, extraction=counting_extraction)
-    graph = build_patient_job(healthy, sqlite_checkpointer(checkpoints))
+    graph = build_patient_job(healthy, open_checkpointer(checkpoints))
     assert graph.get_state({"configurable": {"thread_id": f"{CRAFTED_ID}:mortality"}}).next == ("ground",)
     state = run_patient_job(graph, CRAFTED_ID, "mortality")
 
@@ -105,3 +106,17 @@ def test_an_unknown_patient_is_a_clear_error(workflow_deps):
 
     with pytest.raises(PatientNotFound, match="no-such-patient"):
         run_patient_job(build_patient_job(workflow_deps), "no-such-patient")
+
+
+def test_replicas_opening_one_checkpoint_store_together_all_get_it(database_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        savers = list(pool.map(lambda _: open_checkpointer(database_url), range(4)))
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    assert all(saver.get_tuple(config) is None for saver in savers)
+
+
+def test_an_unsupported_checkpoint_location_names_itself():
+    with pytest.raises(ValueError, match="'mysql://db/ehrflow': expected a file path"):
+        open_checkpointer("mysql://db/ehrflow")

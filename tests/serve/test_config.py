@@ -21,11 +21,13 @@ def test_deploy_files_load(name, monkeypatch):
     options = cfg.workflow.as_options()
     if name == "cluster.yaml":
         assert settings.llm.backend == "openai" and cfg.jobs_url.startswith("postgresql")
+        assert settings.checkpoint_location.startswith("postgresql")
         assert options["autoscaling_config"]["max_replicas"] == 32 and "num_replicas" not in options
         assert cfg.llm.ray_actor_options["num_gpus"] == 1
     else:
         assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 0.25}
         assert cfg.resolved_jobs_url(settings).endswith("/serve.db")
+        assert settings.checkpoint_location.endswith("checkpoints.sqlite")
 
 
 def test_env_overrides_and_bad_section(monkeypatch, tmp_path):
