@@ -59,6 +59,14 @@ from ehrflow.training.tree_blend import TreeBlend, choose_network_weight, tree_f
 DATA = Path(os.environ.get("EHRFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 P12 = DATA / "ehr" / "physionet2012"
 SPLIT_FILE = P12 / "p12_splits_setAB.csv"
+EHRFLOW_MODELS = (
+    "gru",
+    "ehrflow_fusion_stats",
+    "ehrflow_trees",
+    "ehrflow_fusion_trees",
+    "ehrflow_fusion_ensemble",
+    "ehrflow_stack",
+)
 PUBLISHED_AUROC = {"GRU-D": 81.9, "Transformer": 83.3, "mTAND": 84.2, "ViTST": 85.1}
 
 
@@ -196,16 +204,7 @@ def main() -> None:
     started = time.perf_counter()
     records, extract_report, load_seconds = load_records()
     print(f"loaded {len(records)} stays in {load_seconds:.0f} s", flush=True)
-    models = [
-        "logistic_regression",
-        "gradient_boosted_trees",
-        "gru",
-        "ehrflow_fusion_stats",
-        "ehrflow_trees",
-        "ehrflow_fusion_trees",
-        "ehrflow_fusion_ensemble",
-        "ehrflow_stack",
-    ]
+    models = ["logistic_regression", "gradient_boosted_trees", *EHRFLOW_MODELS]
     per_fold: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for fold in range(1, args.folds + 1):
@@ -282,15 +281,7 @@ def write_summary(
             "auprc_sd": float(auprcs.std(ddof=1)) if len(auprcs) > 1 else None,
         }
     gbt_mean = summary["gradient_boosted_trees"]["auroc_mean"]
-    ehrflow_models = (
-        "gru",
-        "ehrflow_fusion_stats",
-        "ehrflow_trees",
-        "ehrflow_fusion_trees",
-        "ehrflow_fusion_ensemble",
-        "ehrflow_stack",
-    )
-    best = max(ehrflow_models, key=lambda m: summary[m]["auroc_mean"])
+    best = max(EHRFLOW_MODELS, key=lambda m: summary[m]["auroc_mean"])
     payload = {
         "task": "in-hospital mortality, PhysioNet/CinC 2012 sets a+b, first 48 h",
         "protocol": {
