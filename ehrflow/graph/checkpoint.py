@@ -39,7 +39,8 @@ def open_checkpointer(location: str | Path) -> BaseCheckpointSaver:
         return _postgres_checkpointer(text, serde)
     if "://" in text:
         if not text.startswith("sqlite:///"):
-            raise ValueError(f"checkpoint location {text!r}: expected a file path, sqlite:/// or postgresql:// URL")
+            scheme = text.split("://", 1)[0]  # never the rest: a URL may carry a password
+            raise ValueError(f"checkpoint URL scheme {scheme!r}: expected a file path, sqlite:/// or postgresql:// URL")
         text = text.removeprefix("sqlite:///")
     path = Path(text)
     path.parent.mkdir(parents=True, exist_ok=True)

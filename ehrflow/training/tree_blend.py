@@ -164,6 +164,9 @@ def fit_tree_blend(
             continue
         known, known_val = getattr(train, f"{task}_mask"), getattr(val, f"{task}_mask")
         y, y_val = getattr(train, task)[known], getattr(val, task)[known_val]
+        if len(np.unique(y)) < 2 or len(np.unique(y_val)) < 2:
+            log.warning("tree blend: %s has a single class in the training or validation split; network only", task)
+            continue
         x = x_train[known]
         # scikit-learn cannot bin a column with no value (a statistic never defined in training); a constant
         # column gives no split, so the trees ignore it wherever it is defined later
@@ -171,9 +174,6 @@ def fit_tree_blend(
         if undefined.any():
             log.info("tree blend %s: %d feature columns never defined in training", task, int(undefined.sum()))
             x = np.where(undefined, 0.0, x)
-        if len(np.unique(y)) < 2 or len(np.unique(y_val)) < 2:
-            log.warning("tree blend: %s has a single class in the training or validation split; network only", task)
-            continue
         model = HistGradientBoostingClassifier(
             learning_rate=options.learning_rate,
             max_iter=options.max_iter,
