@@ -255,11 +255,47 @@ def main() -> None:
             print(f"fold {fold} ({time.perf_counter() - fold_started:.0f} s): AUROC {line}", flush=True)
             # written after every fold: a run stopped early still leaves the folds it finished
             path = write_summary(args, models, per_fold, records, extract_report, started)
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot_folds(path)}")
     summary = json.loads(path.read_text())["summary"]
     for m in models:
         s = summary[m]
         print(f"{m:24s} AUROC {s['auroc_mean']:.3f} +- {s['auroc_sd'] or 0:.3f}  AUPRC {s['auprc_mean']:.3f}")
+
+
+def plot_folds(result: Path) -> Path:
+    """Left: each model's test AUROC per fold and its mean, against the trees baseline and the target. Right: the
+    same minus the trees baseline on the same fold, the paired comparison the folds' spread would otherwise hide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    document = json.loads(result.read_text())
+    summary, folds = document["summary"], document["per_fold"]
+    models = list(summary)
+    baseline = [fold["metrics"]["gradient_boosted_trees"]["auroc"] for fold in folds]
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(11, 0.45 * len(models) + 1.4))
+    for row, model in enumerate(models):
+        aurocs = np.array([fold["metrics"][model]["auroc"] for fold in folds])
+        left.scatter(aurocs, [row] * len(aurocs), color="0.6", s=18, zorder=2)
+        left.scatter([aurocs.mean()], [row], color="C0", marker="D", s=40, zorder=3)
+        gains = aurocs - np.array(baseline)
+        right.scatter(gains, [row] * len(gains), color="0.6", s=18, zorder=2)
+        right.scatter([gains.mean()], [row], color="C0", marker="D", s=40, zorder=3)
+    left.axvline(summary["gradient_boosted_trees"]["auroc_mean"], color="C1", ls="--", lw=1, label="GBT mean")
+    left.axvline(document["target_auroc"], color="C3", ls=":", lw=1, label=f"target {document['target_auroc']}")
+    right.axvline(0, color="C1", ls="--", lw=1)
+    left.set_yticks(range(len(models)), models)
+    left.invert_yaxis()
+    left.set_xlabel("test AUROC (grey: a fold; blue: the mean)")
+    right.set_xlabel("AUROC minus GBT on the same fold")
+    left.legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"PhysioNet 2012 sets a+b, in-hospital mortality, {len(folds)} Raindrop folds")
+    fig.tight_layout()
+    path = result.with_suffix(".png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_summary(
