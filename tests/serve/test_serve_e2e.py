@@ -45,13 +45,16 @@ def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_c
     from ehrflow.serve.auth import create_api_key
     from ehrflow.serve.settings import ServeSettings
     from ehrflow.training.fusion import train_fusion
+    from ehrflow.training.predictor import FusionPredictor
 
     stays = physionet_stays(60)
+    fusion = train_fusion(tiny_fusion_config(tmp_path, trees={"enabled": True, "max_iter": 30}), stays)
+    assert fusion.tree_blend  # the served mortality model is the network blended with trees
     settings = get_settings(
         home=tmp_path / "home",
         grounding={"mode": "lexical"},
         models={
-            "fusion_checkpoint": train_fusion(tiny_fusion_config(tmp_path), stays).checkpoint,
+            "fusion_checkpoint": fusion.checkpoint,
             "medrec_checkpoint": tiny_medrec[1],
         },
     )
@@ -93,6 +96,8 @@ def test_serve_end_to_end(isolated_ray, tmp_path, physionet_stays, tiny_fusion_c
         scored = client.wait_job(client.submit_job(stay_id, ["mortality", "medications"])["id"], timeout_s=300)
         assert scored["status"] == "succeeded", scored["error"]
         assert scored["result"]["mortality"]["available"] and 0 < scored["result"]["mortality"]["probability"] < 1
+        expected = FusionPredictor.from_checkpoint(fusion.checkpoint)(stays[0])["mortality"]
+        assert scored["result"]["mortality"]["probability"] == pytest.approx(expected, abs=1e-5)
         medications = scored["result"]["medications"]
         assert medications["available"] and all(0.5 <= m["probability"] <= 1 for m in medications["recommended"])
         assert all(m["names"] for m in medications["recommended"])  # the order names behind each ATC class
