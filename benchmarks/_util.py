@@ -66,3 +66,9 @@ def write_result(name: str, payload: dict[str, Any], *, packages: tuple[str, ...
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def dot_row(ax: Any, row: int, values: Any) -> None:
+    """One row of the benchmarks' dot plots: every value (a fold or a split) in grey, their mean as a blue diamond."""
+    ax.scatter(values, [row] * len(values), color="0.6", s=16, zorder=2)
+    ax.scatter([sum(values) / len(values)], [row], color="C0", marker="D", s=36, zorder=3)

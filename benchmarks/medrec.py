@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _util import peak_rss_mib, write_result
+from _util import dot_row, peak_rss_mib, write_result
 
 from ehrflow.records.errors import ErrorSink
 from ehrflow.records.loaders.mimic import Mimic3Loader, Mimic4Loader
@@ -455,10 +455,8 @@ def plot_splits(result: Path) -> Path:
         for row, model in enumerate(models):
             splits = [s for s in seeds if model in seeds[s]["models"]]
             values = np.array([_test_jaccard(seeds[s], model) for s in splits])
-            gains = values - np.array([_test_jaccard(seeds[s], "gamenet") for s in splits])
-            for ax, xs in ((left, values), (right, gains)):
-                ax.scatter(xs, [row] * len(xs), color="0.6", s=16, zorder=2)
-                ax.scatter([xs.mean()], [row], color="C0", marker="D", s=36, zorder=3)
+            dot_row(left, row, values)
+            dot_row(right, row, values - np.array([_test_jaccard(seeds[s], "gamenet") for s in splits]))
         right.axvline(0, color="C1", ls="--", lw=1)
         left.set_yticks(range(len(models)), models)
         right.set_yticks(range(len(models)), [])

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _util import peak_rss_mib, write_result
+from _util import dot_row, peak_rss_mib, write_result
 
 from ehrflow.records.errors import ErrorSink
 from ehrflow.records.loaders.physionet2012 import PhysioNet2012Loader
@@ -277,11 +277,8 @@ def plot_folds(result: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(11, 0.45 * len(models) + 1.4))
     for row, model in enumerate(models):
         aurocs = np.array([fold["metrics"][model]["auroc"] for fold in folds])
-        left.scatter(aurocs, [row] * len(aurocs), color="0.6", s=18, zorder=2)
-        left.scatter([aurocs.mean()], [row], color="C0", marker="D", s=40, zorder=3)
-        gains = aurocs - np.array(baseline)
-        right.scatter(gains, [row] * len(gains), color="0.6", s=18, zorder=2)
-        right.scatter([gains.mean()], [row], color="C0", marker="D", s=40, zorder=3)
+        dot_row(left, row, aurocs)
+        dot_row(right, row, aurocs - np.array(baseline))
     left.axvline(summary["gradient_boosted_trees"]["auroc_mean"], color="C1", ls="--", lw=1, label="GBT mean")
     left.axvline(document["target_auroc"], color="C3", ls=":", lw=1, label=f"target {document['target_auroc']}")
     right.axvline(0, color="C1", ls="--", lw=1)
