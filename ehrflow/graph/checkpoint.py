@@ -30,13 +30,13 @@ def state_types() -> list[type[BaseModel]]:
     return [PatientJobState, ChatState, ChatTurn, agent_types.Finding, *own]
 
 
-def open_checkpointer(location: str | Path) -> BaseCheckpointSaver:
+def open_checkpointer(location: str | Path, connect_timeout_s: float = 30.0) -> BaseCheckpointSaver:
     """A checkpointer for a SQLite file (a path or ``sqlite:///path``) or a PostgreSQL database (a
     ``postgresql://`` URL, SQLAlchemy's ``postgresql+psycopg://`` form included; needs ``ehrflow[postgres]``)."""
     serde = JsonPlusSerializer(allowed_msgpack_modules=state_types())
     text = str(location)
     if text.startswith("postgresql"):
-        return _postgres_checkpointer(text, serde)
+        return _postgres_checkpointer(text, serde, connect_timeout_s)
     if "://" in text:
         if not text.startswith("sqlite:///"):
             scheme = text.split("://", 1)[0]  # never the rest: a URL may carry a password
@@ -48,21 +48,36 @@ def open_checkpointer(location: str | Path) -> BaseCheckpointSaver:
     return SqliteSaver(conn, serde=serde)
 
 
-def _postgres_checkpointer(url: str, serde: JsonPlusSerializer) -> BaseCheckpointSaver:
+def _postgres_checkpointer(url: str, serde: JsonPlusSerializer, connect_timeout_s: float) -> BaseCheckpointSaver:
     try:
         from langgraph.checkpoint.postgres import PostgresSaver
-        from psycopg import Connection, errors
+        from psycopg import errors
         from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool, PoolTimeout
     except ImportError as exc:
         raise ImportError(
             "a postgresql:// checkpoint URL needs langgraph-checkpoint-postgres: pip install 'ehrflow[postgres]'"
         ) from exc
     import sqlalchemy as sa
 
-    conninfo = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    # the settings LangGraph's own from_conn_string uses: autocommit, no prepared statements, rows as dicts
-    conn = Connection.connect(conninfo, autocommit=True, prepare_threshold=0, row_factory=dict_row)
-    saver = PostgresSaver(conn, serde=serde)
+    parsed = sa.engine.make_url(url).set(drivername="postgresql")
+    # a small pool rather than one connection: a connection the server dropped is checked and replaced on
+    # checkout. The connection settings are those LangGraph's own from_conn_string uses.
+    pool = ConnectionPool(
+        parsed.render_as_string(hide_password=False),
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        min_size=1,
+        max_size=2,
+        check=ConnectionPool.check_connection,
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=connect_timeout_s)
+    except PoolTimeout as exc:
+        pool.close()
+        where = parsed.render_as_string(hide_password=True)
+        raise ConnectionError(f"checkpoint database {where}: no connection within {connect_timeout_s:g} s") from exc
+    saver = PostgresSaver(pool, serde=serde)
     # creates or migrates the tables; replicas starting together race on them, and the loser retries
     for attempt in range(3):
         try:

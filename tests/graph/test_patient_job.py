@@ -121,3 +121,10 @@ def test_an_unsupported_checkpoint_location_names_itself():
     with pytest.raises(ValueError, match="scheme 'mysql': expected a file path") as error:
         open_checkpointer("mysql://ehrflow:secret@db/ehrflow")
     assert "secret" not in str(error.value)
+
+
+def test_an_unreachable_checkpoint_database_is_named_without_its_password():
+    pytest.importorskip("langgraph.checkpoint.postgres")
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1/ehrflow: no connection within 1 s") as error:
+        open_checkpointer("postgresql+psycopg://ehrflow:secret@127.0.0.1:1/ehrflow", connect_timeout_s=1)
+    assert "secret" not in str(error.value)
