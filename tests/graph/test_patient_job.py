@@ -128,3 +128,24 @@ def test_an_unreachable_checkpoint_database_is_named_without_its_password():
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1/ehrflow: no connection within 1 s") as error:
         open_checkpointer("postgresql+psycopg://ehrflow:secret@127.0.0.1:1/ehrflow", connect_timeout_s=1)
     assert "secret" not in str(error.value)
+
+
+def test_a_checkpoint_connection_the_server_dropped_is_replaced(database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("about PostgreSQL connections")
+    import sqlalchemy as sa
+
+    saver = open_checkpointer(database_url)
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    assert saver.get_tuple(config) is None
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        dropped = conn.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    admin.dispose()
+    assert dropped >= 1
+    assert saver.get_tuple(config) is None  # answered on a new connection
