@@ -130,9 +130,8 @@ def test_an_unreachable_checkpoint_database_is_named_without_its_password():
     assert "secret" not in str(error.value)
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_checkpoint_connection_the_server_dropped_is_replaced(database_url):
-    if not database_url.startswith("postgresql"):
-        pytest.skip("about PostgreSQL connections")
     import sqlalchemy as sa
 
     saver = open_checkpointer(database_url)
