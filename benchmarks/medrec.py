@@ -451,7 +451,6 @@ def plot_splits(result: Path) -> Path:
     for (left, right), (cohort, found) in zip(axes, cohorts.items(), strict=True):
         seeds = found["seeds"]
         models = sorted({m for s in seeds.values() for m in s["models"]})
-
         for row, model in enumerate(models):
             splits = [s for s in seeds if model in seeds[s]["models"]]
             values = np.array([_test_jaccard(seeds[s], model) for s in splits])

@@ -79,7 +79,7 @@ def trajectory_stats(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return ratio(np.where(mask[:, window], v[:, window], 0.0).sum(1), mask[:, window].sum(1))
 
     count = mask.sum(1).astype(np.float64)
-    centred = np.where(mask, v - mean_over(slice(None))[:, None, :], 0.0)
+    centred = np.where(mask, v - ratio(np.where(mask, v, 0.0).sum(1), count)[:, None, :], 0.0)
     bin_centred = np.where(mask, bins - ratio(np.where(mask, bins, 0.0).sum(1), count)[:, None, :], 0.0)
     last_bin = np.where(mask, bins, -1.0).max(1)
     return np.hstack(
