@@ -3,7 +3,9 @@
 Lexical matches are precise but miss paraphrases ("high potassium" vs "Hyperkalemia"); dense matches catch those
 but can drift, and barely see numbers ("deafness 61" and "deafness 63", "type 1" and "type 2" embed almost alike).
 Hybrid grounding takes the lexical hits first (score 1.0), then the dense hits above a similarity threshold,
-re-scored by whether each candidate node's labels carry the subtype numbers the mention names. An abbreviation
+re-scored by whether each candidate node's labels carry the subtype numbers the mention names. A node's definition
+is embedded as one more label, so a descriptive mention ("drooping upper eyelid") can reach the term it describes
+("Ptosis") when no synonym is close. An abbreviation
 of a numbered series ("USH3") also brings in the node its siblings' names point to ("USH1" is "Usher syndrome
 type 1", so "Usher syndrome type 3"). The dense side lives in a persistent Chroma collection with one vector per
 node label (name or synonym), built once per (KG fingerprint, embedder, scope) and reused across runs.
@@ -67,7 +69,7 @@ class GroundingMatch(BaseModel):
     score: float
     kind: MatchKind
     matched: str
-    """The KG label that matched (name, synonym or abbreviation)."""
+    """The KG label that matched: name, synonym, abbreviation or, for a dense hit, possibly the definition."""
 
 
 class GroundingConfig(BaseModel):
@@ -90,6 +92,8 @@ class GroundingConfig(BaseModel):
     """Dense label hits per mention that hybrid mode re-scores lexically."""
     number_weight: float = Field(default=DEFAULT_NUMBER_WEIGHT, ge=0.0)
     """Bonus (penalty) when the node's labels carry (contradict) the mention's subtype numbers."""
+    definitions: bool = True
+    """Embed each node's definition as one more dense label (about a third more vectors, longer texts)."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,10 @@ def in_scope(node_id: str, id_prefixes: tuple[str, ...] | None) -> bool:
 
 
 def scope_labels(
-    kg: KnowledgeGraph, node_types: Iterable[str], id_prefixes: Iterable[str] | None
+    kg: KnowledgeGraph, node_types: Iterable[str], id_prefixes: Iterable[str] | None, definitions: bool = False
 ) -> dict[str, tuple[str, dict[str, str]]]:
-    """Vector id -> (label text, metadata) for every name and synonym of the nodes in a dense scope.
+    """Vector id -> (label text, metadata) for every name and synonym (and, if asked, the definition) of the
+    nodes in a dense scope.
 
     Case/space duplicates within a node are dropped; the metadata names the node, its type and the label kind.
     """
@@ -128,6 +133,8 @@ def scope_labels(
         seen: set[str] = set()
         labels = [("name", node.name)]
         labels += [("abbreviation" if is_abbreviation(s) else "synonym", s) for s in node.synonyms]
+        if definitions and node.definition:
+            labels.append(("definition", node.definition))
         for kind, text in labels:
             key = casefold_key(text)
             if not key or key in seen:
@@ -156,6 +163,7 @@ class EntityIndex:
         batch_size: int = 64,
         rerank_depth: int = DEFAULT_RERANK_DEPTH,
         number_weight: float = DEFAULT_NUMBER_WEIGHT,
+        definitions: bool = True,
     ):
         if mode not in GROUNDING_MODES:
             raise ValueError(f"grounding mode {mode!r}: expected one of {GROUNDING_MODES}")
@@ -174,6 +182,7 @@ class EntityIndex:
         self.batch_size = int(batch_size)
         self.rerank_depth = int(rerank_depth)
         self.number_weight = float(number_weight)
+        self.definitions = bool(definitions)
         self._collection: Any = None
 
     @classmethod
@@ -197,13 +206,18 @@ class EntityIndex:
             batch_size=config.batch_size,
             rerank_depth=config.rerank_depth,
             number_weight=config.number_weight,
+            definitions=config.definitions,
         )
 
     # ------------------------------------------------------------------ index identity
 
     @property
     def scope(self) -> dict[str, Any]:
-        return {"node_types": list(self.node_types), "id_prefixes": list(self.id_prefixes or [])}
+        return {
+            "node_types": list(self.node_types),
+            "id_prefixes": list(self.id_prefixes or []),
+            "definitions": self.definitions,
+        }
 
     @property
     def fingerprint(self) -> str:
@@ -233,7 +247,7 @@ class EntityIndex:
 
     def labels(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Vector id -> (label text, metadata) for every label in the dense scope; case/space duplicates dropped."""
-        return scope_labels(self.kg, self.node_types, self.id_prefixes)
+        return scope_labels(self.kg, self.node_types, self.id_prefixes, self.definitions)
 
     # ------------------------------------------------------------------ build
 

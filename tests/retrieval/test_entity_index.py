@@ -89,14 +89,52 @@ def ids(matches) -> list[str]:
     return [m.node.id for m in matches]
 
 
-def test_build_embeds_names_and_synonyms_in_scope_only(index):
-    # 3 phenotypes (1+1+1+1+1+2 labels), DOID (3+2), drug (1); MONDO and ICD nodes are out of the dense scope
+def test_build_embeds_names_synonyms_and_definitions_in_scope_only(index):
+    # 3 phenotypes (1+1+1+1+1+2 labels), DOID (3+2), drug (1), and the 5 in-scope definitions; MONDO and ICD nodes
+    # are out of the dense scope
     labels = index.labels()
     node_ids = {meta["node_id"] for _, meta in labels.values()}
     assert node_ids == {"HP:0002153", "HP:0002902", "HP:0001945", "DOID:9352", "DOID:6000", "DrugCentral:1600"}
-    assert index.collection.count() == len(labels) == 13
+    assert index.collection.count() == len(labels) == 18
     kinds = {text: meta["kind"] for text, meta in labels.values()}
     assert kinds["CHF"] == "abbreviation" and kinds["Pyrexia"] == "synonym" and kinds["metformin"] == "name"
+    assert kinds["A heart failure with fluid build-up."] == "definition"
+
+
+DESCRIBED = [  # HPO names and definitions; the lay synonyms ("Extreme thirst", "Decreased bowel sounds") left out
+    ("HP:0001959", "effect/phenotype", "Polydipsia", "Excessive thirst manifested by excessive fluid intake.", "", ""),
+    ("HP:0001944", "effect/phenotype", "Dehydration", "", "Exsiccosis", ""),
+    ("HP:0030144", "effect/phenotype", "Hypoactive bowel sounds", "An decreased amount of bowel sounds.", "", ""),
+    (
+        "HP:0030143",
+        "effect/phenotype",
+        "Hyperactive bowel sounds",
+        "Abnormally increased gurgling/rumbling sounds made by the movement of fluid and gas in the intestines.",
+        "Borborygmi",
+        "",
+    ),
+]
+
+
+def test_definitions_let_a_description_reach_the_term_it_describes(embedder, tmp_path, monkeypatch):
+    write_tiny_kg(tmp_path / "kg", nodes=DESCRIBED, edges=[])
+    kg = open_kg(tmp_path / "kg", tmp_path / "home", monkeypatch)
+    found = {}
+    for definitions in (False, True):
+        index = EntityIndex(
+            kg,
+            embedder,
+            chroma_client(tmp_path / "chroma"),
+            collection=f"defs-{definitions:d}",
+            definitions=definitions,
+        )
+        index.build(progress=False)
+        assert index.collection.count() == 6 + 3 * definitions
+        found[definitions] = index.ground(["Extreme thirst", "Decreased bowel sounds"], mode="dense")
+    assert [m[0].node.name for m in found[False]] == ["Dehydration", "Hyperactive bowel sounds"]
+    thirst, bowel = found[True]
+    assert (thirst[0].node.name, thirst[0].matched) == ("Polydipsia", DESCRIBED[0][3])
+    assert bowel[0].node.name == "Hypoactive bowel sounds"
 
 
 def test_lexical_grounding_finds_exact_and_abbreviation_matches(index):
@@ -155,8 +193,9 @@ def test_rebuild_is_skipped_when_unchanged_and_incremental_when_kg_changes(index
     updated = EntityIndex(kg2, embedder, chroma_client(tmp_path / "chroma"))
     assert not updated.is_current()
     report = updated.build(progress=False)
-    assert (report.skipped, report.added, report.removed, report.labels) == (False, 2, 2, 13)
-    assert updated.is_current() and updated.collection.count() == 13
+    # Hyponatremia's name, synonym and definition go; Hypernatremia's name and synonym come
+    assert (report.skipped, report.added, report.removed, report.labels) == (False, 2, 3, 17)
+    assert updated.is_current() and updated.collection.count() == 17
     (sodium,) = updated.ground(["high sodium in blood"], mode="dense", threshold=0.3)
     assert sodium[0].node.id == "HP:0003228"
 
@@ -177,7 +216,7 @@ def test_a_different_embedder_rebuilds_from_scratch(index, embedder, tmp_path):
     other = EntityIndex(index.kg, _RenamedEmbedder(embedder), chroma_client(tmp_path / "chroma"))
     assert not other.is_current()
     report = other.build(progress=False)
-    assert (report.added, report.removed, report.embedded_texts) == (13, 0, 13)
+    assert (report.added, report.removed, report.embedded_texts) == (18, 0, 18)
     assert other.collection.metadata["embedder"] == "another-model"
 
 
