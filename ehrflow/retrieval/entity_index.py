@@ -8,12 +8,12 @@ is embedded as one more label, so a descriptive mention ("drooping upper eyelid"
 ("Ptosis") when no synonym is close. An abbreviation
 of a numbered series ("USH3") also brings in the node its siblings' names point to ("USH1" is "Usher syndrome
 type 1", so "Usher syndrome type 3"). The dense side lives in a persistent Chroma collection with one vector per
-node label (name or synonym), built once per (KG fingerprint, embedder, scope) and reused across runs.
+node label (name, synonym or definition), built once per (KG fingerprint, embedder, scope) and reused across runs.
 
 Cost of the dense scope: the default embedder encodes roughly 50-300 short labels/s on 2 CPU cores (depending on
 load), so embedding every label of every KG node (~190k nodes, most of them ICD codes and rare-disease labels)
 would take hours. The default scope is the curated vocabularies a summary mostly needs: Disease Ontology
-diseases, HPO phenotypes/symptoms and drugs (names + synonyms, ~76k labels). Lexical lookup still covers every
+diseases, HPO phenotypes/symptoms and drugs (names, synonyms and definitions, ~101k labels). Lexical lookup covers every
 node of the configured types, MONDO/OMIM/Orphanet included.
 """
 
