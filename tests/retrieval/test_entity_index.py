@@ -119,18 +119,12 @@ DESCRIBED = [  # HPO names and definitions; the lay synonyms ("Extreme thirst", 
 def test_definitions_let_a_description_reach_the_term_it_describes(embedder, tmp_path, monkeypatch):
     write_tiny_kg(tmp_path / "kg", nodes=DESCRIBED, edges=[])
     kg = open_kg(tmp_path / "kg", tmp_path / "home", monkeypatch)
-    found = {}
-    for definitions in (False, True):
-        index = EntityIndex(
-            kg,
-            embedder,
-            chroma_client(tmp_path / "chroma"),
-            collection=f"defs-{definitions:d}",
-            definitions=definitions,
-        )
-        index.build(progress=False)
-        assert index.collection.count() == 6 + 3 * definitions
+    found, reports = {}, {}
+    for definitions in (False, True):  # one collection: turning definitions on embeds only the definitions
+        index = EntityIndex(kg, embedder, chroma_client(tmp_path / "chroma"), definitions=definitions)
+        reports[definitions] = index.build(progress=False)
         found[definitions] = index.ground(["Extreme thirst", "Decreased bowel sounds"], mode="dense")
+    assert [(r.added, r.removed, r.labels) for r in reports.values()] == [(6, 0, 6), (3, 0, 9)]
     assert [m[0].node.name for m in found[False]] == ["Dehydration", "Hyperactive bowel sounds"]
     thirst, bowel = found[True]
     assert (thirst[0].node.name, thirst[0].matched) == ("Polydipsia", DESCRIBED[0][3])
