@@ -15,8 +15,9 @@ Hybrid's one weight (number agreement, see ``entity_index.py``) was chosen on a 
 --sweep`` writes ``grounding_sweep.json``; the reported run uses seed 13 and the library defaults.
 
 Scope: the whole dense scope by default (~71k names and synonyms after the holdout plus ~26k definitions; ~8 min
-to embed on 2 idle cores, then reused; the names-only ablation index another ~4 min). ``--node-fraction 0.1`` indexes a random tenth instead for a quick check; fewer nodes means fewer
-distractors, so accuracy on a subset is optimistic (dense acc@1 0.66 on a tenth vs 0.44 on the whole scope).
+to embed on 2 idle cores, then reused; the names-only ablation index another ~4 min). ``--node-fraction 0.1``
+indexes a random tenth instead for a quick check; fewer nodes means fewer distractors, so accuracy on a subset is
+optimistic (dense acc@1 0.66 on a tenth vs 0.44 on the whole scope, names and synonyms only).
 
 ``--encoder-steps N`` also fine-tunes the grounding encoder (``ehrflow/training/grounding_encoder.py``) on the pruned
 benchmark KG through Ray Train, so the held-out synonyms are never among its pairs, and adds the modes
