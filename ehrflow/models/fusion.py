@@ -28,6 +28,8 @@ from torch import nn
 from torch.func import functional_call
 
 Task = Literal["mortality", "readmission", "phenotypes"]
+StatsLayout = Literal["summary", "summary+trajectory"]
+"""Six summary statistics per variable, or those and seven trajectory statistics (``features.trajectory_stats``)."""
 
 
 class FusionModelConfig(BaseModel):
@@ -36,6 +38,7 @@ class FusionModelConfig(BaseModel):
     n_static: int = Field(0, ge=0)
     n_stats: int = Field(0, ge=0)
     """0: no summary-statistics branch."""
+    stats_layout: StatsLayout = "summary+trajectory"
     text_dim: int = Field(0, ge=0)
     use_notes: bool = False
     use_summary: bool = False
@@ -296,4 +299,12 @@ class FusionModel(nn.Module):
         return ((predicted - values) ** 2)[hidden].mean()
 
 
-__all__ = ["CLUB", "AttentionPool", "FusionModel", "FusionModelConfig", "GatedTextFusion", "TimeSeriesEncoder"]
+__all__ = [
+    "CLUB",
+    "AttentionPool",
+    "FusionModel",
+    "FusionModelConfig",
+    "GatedTextFusion",
+    "StatsLayout",
+    "TimeSeriesEncoder",
+]

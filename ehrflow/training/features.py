@@ -628,10 +628,52 @@ def _pool(
     return out, present
 
 
+TRAJECTORY_STAT_NAMES = (
+    "std",
+    "mean_first_half",
+    "mean_second_half",
+    "mean_last_quarter",
+    "slope_per_bin",
+    "bins_since_last",
+    "bins_observed",
+)
+
+
+def trajectory_stats(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per variable, ``TRAJECTORY_STAT_NAMES`` over the observed bins of (n, bins, variables) series: the
+    columns are grouped by statistic, one column per variable in each group."""
+    v = values.astype(np.float64)
+    n_bins = v.shape[1]
+    bins = np.arange(n_bins, dtype=np.float64)[None, :, None]
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator > 0)
+
+    def mean_over(window: slice) -> np.ndarray:
+        return ratio(np.where(mask[:, window], v[:, window], 0.0).sum(1), mask[:, window].sum(1))
+
+    count = mask.sum(1).astype(np.float64)
+    centred = np.where(mask, v - ratio(np.where(mask, v, 0.0).sum(1), count)[:, None, :], 0.0)
+    bin_centred = np.where(mask, bins - ratio(np.where(mask, bins, 0.0).sum(1), count)[:, None, :], 0.0)
+    last_bin = np.where(mask, bins, -1.0).max(1)
+    return np.hstack(
+        [
+            np.sqrt(ratio((centred**2).sum(1), count)),
+            mean_over(slice(0, n_bins // 2)),
+            mean_over(slice(n_bins // 2, None)),
+            mean_over(slice(n_bins - n_bins // 4, None)),
+            ratio((bin_centred * centred).sum(1), (bin_centred**2).sum(1)),
+            np.where(count > 0, n_bins - 1 - last_bin, np.nan),
+            count,
+        ]
+    )
+
+
 __all__ = [
     "DEFAULT_PHENOTYPES",
     "STAT_NAMES",
     "TASKS",
+    "TRAJECTORY_STAT_NAMES",
     "CachedTextEncoder",
     "FeatureConfig",
     "FeatureReport",
@@ -641,4 +683,5 @@ __all__ = [
     "TextEncoder",
     "extract_stays",
     "load_text_encoder",
+    "trajectory_stats",
 ]

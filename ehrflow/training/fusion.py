@@ -31,11 +31,12 @@ import torch
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from ehrflow.models.fusion import FusionModel, FusionModelConfig, Task
+from ehrflow.models.fusion import FusionModel, FusionModelConfig, StatsLayout, Task
 from ehrflow.records.ingest import InputSpec, source_patients
 from ehrflow.records.model import Patient
 from ehrflow.training.evaluate import evaluate_predictions, flat_values, plot_binary, write_model_card
 from ehrflow.training.features import (
+    TRAJECTORY_STAT_NAMES,
     FeatureConfig,
     FeatureReport,
     FeatureSet,
@@ -44,6 +45,7 @@ from ehrflow.training.features import (
     TextEncoder,
     extract_stays,
     load_text_encoder,
+    trajectory_stats,
 )
 from ehrflow.training.ray_utils import (
     RayTrainConfig,
@@ -98,6 +100,8 @@ class ModelOptions(BaseModel):
     dropout: float = Field(0.2, ge=0, lt=1)
     mi_weight: float = Field(0.1, ge=0)
     mask_ratio: float = Field(0.75, gt=0, lt=1)
+    stats_layout: StatsLayout = "summary+trajectory"
+    """What the statistics branch (modality ``stats``) reads; see ``stats_branch_inputs``."""
 
 
 class OptimConfig(BaseModel):
@@ -328,7 +332,7 @@ def model_config_for(config: FusionTrainConfig, prepared: PreparedData) -> Fusio
         n_variables=fs.values.shape[2],
         n_bins=fs.values.shape[1],
         n_static=fs.static.shape[1] if "static" in config.modalities else 0,
-        n_stats=fs.stats.shape[1] if "stats" in config.modalities else 0,
+        n_stats=stats_branch_inputs(fs, config.model.stats_layout).shape[1] if "stats" in config.modalities else 0,
         text_dim=text_dim if any(m in config.modalities for m in ("notes", "summary")) else 0,
         use_notes="notes" in config.modalities,
         use_summary="summary" in config.modalities,
@@ -340,10 +344,25 @@ def model_config_for(config: FusionTrainConfig, prepared: PreparedData) -> Fusio
 
 
 def network_stats(stats: np.ndarray) -> np.ndarray:
-    """Statistics for the network: NaN (variable not observed) -> 0, counts -> log1p."""
+    """The six summary statistics for a model: NaN (variable not observed) -> 0, counts -> log1p."""
     out = np.nan_to_num(stats.reshape(len(stats), -1, 6), nan=0.0).copy()
     out[..., 5] = np.log1p(out[..., 5])
     return out.reshape(len(stats), -1).astype(np.float32)
+
+
+def stats_branch_inputs(fs: FeatureSet, layout: StatsLayout) -> np.ndarray:
+    """What the statistics branch reads: ``network_stats``, then (``summary+trajectory``) the trajectory statistics
+    with NaN -> 0, bins since the last observation as a fraction of the window and bins observed as log1p."""
+    summary = network_stats(fs.stats)
+    if layout == "summary":
+        return summary
+    n, n_bins, n_variables = fs.values.shape
+    trajectory = trajectory_stats(fs.values, fs.mask).reshape(n, len(TRAJECTORY_STAT_NAMES), n_variables)
+    trajectory[:, TRAJECTORY_STAT_NAMES.index("bins_since_last")] /= n_bins
+    observed = TRAJECTORY_STAT_NAMES.index("bins_observed")
+    trajectory[:, observed] = np.log1p(trajectory[:, observed])
+    trajectory = np.nan_to_num(trajectory.reshape(n, -1), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.hstack([summary, trajectory]).astype(np.float32)
 
 
 def to_tensors(fs: FeatureSet, model_cfg: FusionModelConfig) -> dict[str, torch.Tensor]:
@@ -361,7 +380,7 @@ def to_tensors(fs: FeatureSet, model_cfg: FusionModelConfig) -> dict[str, torch.
         "values": torch.from_numpy(fs.values.astype(np.float32)),
         "mask": torch.from_numpy(fs.mask.astype(np.float32)),
         "static": torch.from_numpy(fs.static.astype(np.float32)),
-        "stats": torch.from_numpy(network_stats(fs.stats)),
+        "stats": torch.from_numpy(stats_branch_inputs(fs, model_cfg.stats_layout)),
         "notes": text(fs.notes),
         "notes_mask": torch.from_numpy(fs.notes_mask.astype(bool)),
         "summary": text(fs.summary),
@@ -614,7 +633,8 @@ def train_fusion_from_file(
 def load_fusion_model(checkpoint: str | Path) -> tuple[FusionModel, dict[str, Any]]:
     """The best-epoch model of a checkpoint (the latest weights when no supervised epoch ran)."""
     state, meta = load_state(checkpoint)
-    model = FusionModel(FusionModelConfig.model_validate(meta["model_config"]))
+    # checkpoints written before the statistics branch read trajectory statistics carry no layout
+    model = FusionModel(FusionModelConfig.model_validate({"stats_layout": "summary", **meta["model_config"]}))
     model.load_state_dict(state["best_model"] if state.get("best_model") is not None else state["model"])
     model.eval()
     return model, meta

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from ehrflow.models.trees import TreeEnsemble
-from ehrflow.training.features import FeatureSet
+from ehrflow.training.features import FeatureSet, trajectory_stats
 from ehrflow.training.metrics import auroc
 
 log = logging.getLogger(__name__)
@@ -49,50 +49,10 @@ class TreeBlendOptions(BaseModel):
 TREE_FEATURES = "stats+static+trajectory"
 """The layout ``tree_features`` builds, recorded with a saved blend so another layout is refused, not misread."""
 
-TRAJECTORY_STAT_NAMES = (
-    "std",
-    "mean_first_half",
-    "mean_second_half",
-    "mean_last_quarter",
-    "slope_per_bin",
-    "bins_since_last",
-    "bins_observed",
-)
-
 
 def tree_features(features: FeatureSet) -> np.ndarray:
     """Summary statistics, static columns and trajectory statistics (NaN where undefined: trees split on it)."""
     return np.hstack([features.stats, features.static, trajectory_stats(features.values, features.mask)])
-
-
-def trajectory_stats(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per variable, ``TRAJECTORY_STAT_NAMES`` over the observed bins of (n, bins, variables) series: the
-    columns are grouped by statistic, one column per variable in each group."""
-    v = values.astype(np.float64)
-    n_bins = v.shape[1]
-    bins = np.arange(n_bins, dtype=np.float64)[None, :, None]
-
-    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-        return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator > 0)
-
-    def mean_over(window: slice) -> np.ndarray:
-        return ratio(np.where(mask[:, window], v[:, window], 0.0).sum(1), mask[:, window].sum(1))
-
-    count = mask.sum(1).astype(np.float64)
-    centred = np.where(mask, v - ratio(np.where(mask, v, 0.0).sum(1), count)[:, None, :], 0.0)
-    bin_centred = np.where(mask, bins - ratio(np.where(mask, bins, 0.0).sum(1), count)[:, None, :], 0.0)
-    last_bin = np.where(mask, bins, -1.0).max(1)
-    return np.hstack(
-        [
-            np.sqrt(ratio((centred**2).sum(1), count)),
-            mean_over(slice(0, n_bins // 2)),
-            mean_over(slice(n_bins // 2, None)),
-            mean_over(slice(n_bins - n_bins // 4, None)),
-            ratio((bin_centred * centred).sum(1), (bin_centred**2).sum(1)),
-            np.where(count > 0, n_bins - 1 - last_bin, np.nan),
-            count,
-        ]
-    )
 
 
 @dataclass(frozen=True)
@@ -200,7 +160,6 @@ def choose_network_weight(y_val: np.ndarray, tree_val: np.ndarray, network_val: 
 
 __all__ = [
     "BLEND_DIR",
-    "TRAJECTORY_STAT_NAMES",
     "TREE_FEATURES",
     "WEIGHT_GRID",
     "TreeBlend",
@@ -208,5 +167,4 @@ __all__ = [
     "choose_network_weight",
     "fit_tree_blend",
     "tree_features",
-    "trajectory_stats",
 ]

@@ -1,16 +1,19 @@
 """FusionPredictor on a tiny checkpoint trained in Ray Train local mode on real PhysioNet 2012 stays."""
 
 import hashlib
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ehrflow.agents.types import HealthSummary, Statement
-from ehrflow.training.features import FeatureSet
+from ehrflow.training.features import TRAJECTORY_STAT_NAMES, FeatureSet
 from ehrflow.training.fusion import load_fusion_model, predict, to_tensors, train_fusion
 from ehrflow.training.predictor import FusionPredictor, PredictionUnavailable
+from ehrflow.training.ray_utils import META_FILE
 
 
 class HashEncoder:
@@ -73,3 +76,30 @@ def test_unscorable_patients_raise_a_clear_error(trained):
         predictor(outpatient, None)
     with pytest.raises(ValueError, match="text encoder is required"):
         FusionPredictor(predictor.model, predictor.normalizer, [], text_encoder=None)
+
+
+def test_the_statistics_branch_reads_trajectory_statistics_and_old_checkpoints_keep_their_layout(
+    trained, physionet_stays, tiny_fusion_config, tmp_path
+):
+    result, _, _ = trained
+    model, _ = load_fusion_model(result.checkpoint)
+    assert model.cfg.stats_layout == "summary+trajectory"
+    assert model.cfg.n_stats == (6 + len(TRAJECTORY_STAT_NAMES)) * model.cfg.n_variables
+
+    # a checkpoint written before the layout existed was trained on the six statistics and carries no layout field
+    torch.set_num_threads(1)
+    config = tiny_fusion_config(
+        tmp_path,
+        modalities=["timeseries", "static", "stats"],
+        model={"hidden": 8, "heads": 2, "stats_layout": "summary"},
+    )
+    old = train_fusion(config, physionet_stays(60))
+    meta_file = Path(old.checkpoint) / META_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta["model_config"]["stats_layout"]
+    meta_file.write_text(json.dumps(meta))
+    model, _ = load_fusion_model(old.checkpoint)
+    assert model.cfg.stats_layout == "summary" and model.cfg.n_stats == 6 * model.cfg.n_variables
+    test_split = FeatureSet.load(old.run_dir / "data" / "test.npz")
+    scores = predict(model, to_tensors(test_split, model.cfg), ["mortality"])["mortality"]
+    assert len(scores) == len(test_split) and np.all((scores > 0) & (scores < 1))

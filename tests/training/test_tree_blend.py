@@ -8,17 +8,10 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from ehrflow.models.trees import TreeEnsemble
-from ehrflow.training.features import FeatureSet
+from ehrflow.training.features import TRAJECTORY_STAT_NAMES, FeatureSet, trajectory_stats
 from ehrflow.training.fusion import evaluate_fusion, load_fusion_model, predict, to_tensors, train_fusion
 from ehrflow.training.predictor import FusionPredictor
-from ehrflow.training.tree_blend import (
-    BLEND_DIR,
-    TRAJECTORY_STAT_NAMES,
-    WEIGHT_GRID,
-    TreeBlend,
-    trajectory_stats,
-    tree_features,
-)
+from ehrflow.training.tree_blend import BLEND_DIR, WEIGHT_GRID, TreeBlend, tree_features
 
 
 @pytest.fixture(scope="module")
