@@ -332,7 +332,9 @@ def model_config_for(config: FusionTrainConfig, prepared: PreparedData) -> Fusio
         n_variables=fs.values.shape[2],
         n_bins=fs.values.shape[1],
         n_static=fs.static.shape[1] if "static" in config.modalities else 0,
-        n_stats=stats_branch_inputs(fs, config.model.stats_layout).shape[1] if "stats" in config.modalities else 0,
+        n_stats=fs.values.shape[2] * STATS_PER_VARIABLE[config.model.stats_layout]
+        if "stats" in config.modalities
+        else 0,
         text_dim=text_dim if any(m in config.modalities for m in ("notes", "summary")) else 0,
         use_notes="notes" in config.modalities,
         use_summary="summary" in config.modalities,
@@ -348,6 +350,10 @@ def network_stats(stats: np.ndarray) -> np.ndarray:
     out = np.nan_to_num(stats.reshape(len(stats), -1, 6), nan=0.0).copy()
     out[..., 5] = np.log1p(out[..., 5])
     return out.reshape(len(stats), -1).astype(np.float32)
+
+
+STATS_PER_VARIABLE: dict[str, int] = {"summary": 6, "summary+trajectory": 6 + len(TRAJECTORY_STAT_NAMES)}
+"""Columns per variable that ``stats_branch_inputs`` gives for each layout."""
 
 
 def stats_branch_inputs(fs: FeatureSet, layout: StatsLayout) -> np.ndarray:
