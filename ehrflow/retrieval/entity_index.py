@@ -4,17 +4,17 @@ Lexical matches are precise but miss paraphrases ("high potassium" vs "Hyperkale
 but can drift, and barely see numbers ("deafness 61" and "deafness 63", "type 1" and "type 2" embed almost alike).
 Hybrid grounding takes the lexical hits first (score 1.0), then the dense hits above a similarity threshold,
 re-scored by whether each candidate node's labels carry the subtype numbers the mention names. A node's definition
-is embedded as one more label, so a descriptive mention ("drooping upper eyelid") can reach the term it describes
-("Ptosis") when no synonym is close. An abbreviation
-of a numbered series ("USH3") also brings in the node its siblings' names point to ("USH1" is "Usher syndrome
-type 1", so "Usher syndrome type 3"). The dense side lives in a persistent Chroma collection with one vector per
-node label (name, synonym or definition), built once per (KG fingerprint, embedder, scope) and reused across runs.
+is embedded as one more label, so a descriptive mention ("extreme thirst") can reach the term it describes
+("Polydipsia") when no synonym is close. An abbreviation of a numbered series ("USH3") also brings in the node its
+siblings' names point to ("USH1" is "Usher syndrome type 1", so "Usher syndrome type 3"). The dense side lives in a
+persistent Chroma collection with one vector per node label (name, synonym or definition), built once per (KG
+fingerprint, embedder, scope) and reused across runs.
 
 Cost of the dense scope: the default embedder encodes roughly 50-300 short labels/s on 2 CPU cores (depending on
 load), so embedding every label of every KG node (~190k nodes, most of them ICD codes and rare-disease labels)
 would take hours. The default scope is the curated vocabularies a summary mostly needs: Disease Ontology
-diseases, HPO phenotypes/symptoms and drugs (names, synonyms and definitions, ~101k labels). Lexical lookup covers every
-node of the configured types, MONDO/OMIM/Orphanet included.
+diseases, HPO phenotypes/symptoms and drugs (names, synonyms and definitions, ~101k labels). Lexical lookup covers
+every node of the configured types, MONDO/OMIM/Orphanet included.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ two beats both (``benchmarks/physionet2012.py``): the trees read the statistics 
 trajectories. The trees see the six summary statistics (min, max, mean, first, last, count) and the static
 columns, plus seven trajectory statistics per variable from the hourly bins (spread, mean of each half and of the
 last quarter of the window, slope, bins since the last observation, bins observed): on the benchmark's validation
-splits those lifted the trees' AUROC on every fold (the network's statistics branch now reads them too). With ``trees.enabled`` a fusion run
-fits the trees on the training split after the network, chooses on the validation split the number of boosting
-rounds and, per binary task, the weight of the network, and saves both beside the checkpoint's weights.
-Evaluation and the predictor then score with the blend. Phenotypes (multi-label) stay the network's alone.
+splits those lifted the trees' AUROC on every fold (the network's statistics branch now reads them too). With
+``trees.enabled`` a fusion run fits the trees on the training split after the network, chooses on the validation
+split the number of boosting rounds and, per binary task, the weight of the network, and saves both beside the
+checkpoint's weights. Evaluation and the predictor then score with the blend. Phenotypes (multi-label) stay the
+network's alone.
 """
 
 from __future__ import annotations
