@@ -48,6 +48,7 @@ from ehrflow.training.features import (
     trajectory_stats,
 )
 from ehrflow.training.ray_utils import (
+    META_FILE,
     RayTrainConfig,
     latest_checkpoint,
     load_state,
@@ -569,6 +570,8 @@ def train_fusion(
     if prepared is None:
         prepared = prepare_data(config, patients, summaries=summaries, text_encoder=text_encoder)
     model_cfg = model_config_for(config, prepared)
+    if config.ray.resume:
+        _check_resumable(resume_from, model_cfg)  # type: ignore[arg-type]  # resume_from is set when resuming
     phenotype_names = list(prepared.normalizer.config.phenotype_groups)
     meta = {
         "config": config.model_dump(mode="json"),
@@ -636,11 +639,33 @@ def train_fusion_from_file(
 # ---------------------------------------------------------------- evaluation
 
 
+def _saved_model_config(meta: Mapping[str, Any]) -> FusionModelConfig:
+    """The model settings a checkpoint was trained with. Checkpoints written before the statistics branch read
+    trajectory statistics carry no layout: they were trained on the summary statistics."""
+    return FusionModelConfig.model_validate({"stats_layout": "summary", **meta["model_config"]})
+
+
+def _check_resumable(checkpoint: Path, model_cfg: FusionModelConfig) -> None:
+    """A resumed run must rebuild the model its checkpoint holds; otherwise (a changed setting, or a newer default
+    such as ``model.stats_layout``) the weights would fail to load deep inside a Ray worker, on tensor shapes."""
+    saved = _saved_model_config(json.loads((checkpoint / META_FILE).read_text())).model_dump(mode="json")
+    current = model_cfg.model_dump(mode="json")
+    changed = [
+        f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"{checkpoint}: cannot resume, the model settings differ from the checkpoint's ({'; '.join(changed)}); "
+            "set them in the config as the checkpoint has them (model.<setting>), or start a new run (ray.name)"
+        )
+
+
 def load_fusion_model(checkpoint: str | Path) -> tuple[FusionModel, dict[str, Any]]:
     """The best-epoch model of a checkpoint (the latest weights when no supervised epoch ran)."""
     state, meta = load_state(checkpoint)
-    # checkpoints written before the statistics branch read trajectory statistics carry no layout
-    model = FusionModel(FusionModelConfig.model_validate({"stats_layout": "summary", **meta["model_config"]}))
+    model = FusionModel(_saved_model_config(meta))
     model.load_state_dict(state["best_model"] if state.get("best_model") is not None else state["model"])
     model.eval()
     return model, meta

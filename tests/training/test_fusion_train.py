@@ -65,6 +65,20 @@ def test_one_worker_trains_checkpoints_and_resumes(ray_session, physionet_subset
     with pytest.raises(FileExistsError, match="resume"):
         train_fusion(config, physionet_subset)
 
+    # a resume must rebuild the checkpoint's model: a changed setting is refused before Ray starts
+    with pytest.raises(ValueError, match="hidden: checkpoint 16, now 32"):
+        train_fusion(_config(tmp_path, "one", model={"hidden": 32}, ray={"resume": True}))
+    # a checkpoint from before the trajectory statistics (no layout in its meta) meets today's default
+    meta_file = result.checkpoint / "meta.json"
+    written = meta_file.read_text()
+    legacy = json.loads(written)
+    del legacy["model_config"]["stats_layout"]
+    meta_file.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="stats_layout: checkpoint 'summary', now 'summary\\+trajectory'"):
+        train_fusion(_config(tmp_path, "one", ray={"resume": True}))
+    meta_file.write_text(written)
+    assert [p.name for p in checkpoint_dirs(result.run_dir)] == ["checkpoint_epoch_0000", "checkpoint_epoch_0001"]
+
     resumed = train_fusion(_config(tmp_path, "one", train={"epochs": 3}, ray={"resume": True}))
     assert resumed.checkpoint.name == "checkpoint_epoch_0002" and resumed.epochs_run == 3
     assert first_epoch.stat().st_mtime_ns == first_mtime  # epochs 0 and 1 were not run again
