@@ -244,15 +244,17 @@ def tuned_embedder(kg: KnowledgeGraph, args: argparse.Namespace, tag: str) -> tu
     from ehrflow.training.ray_utils import RayTrainConfig
 
     defaults = GroundingEncoderConfig()
-    output_dir = args.work_dir / f"encoder-{tag}-{args.encoder_steps}"
+    output_dir = args.work_dir / f"encoder-{tag}-{args.encoder_steps}-g{defaults.group_nodes}"
     record = output_dir / "ehrflow_retriever.json"
     info: dict[str, Any] = {
         "trained_on": "the benchmark KG's dense-scope labels, this seed's held-out synonyms removed",
-        "hyperparameters_chosen_on": "one trial of the same recipe (a plain-torch script) on the seed 7 holdout",
+        "hyperparameters_chosen_on": "the seed 7 holdout: the optimiser in one plain-torch trial; grouped batches "
+        "(group_nodes 32) against random ones, dense accuracy@1 0.498 -> 0.541, through this trainer",
         "max_steps": args.encoder_steps,
         "batch_size": defaults.train.batch_size,
         "lr": defaults.train.lr,
         "max_pairs_per_node": defaults.max_pairs_per_node,
+        "group_nodes": defaults.group_nodes,
     }
     if not record.is_file():
         config = defaults.model_copy(

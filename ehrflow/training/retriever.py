@@ -137,6 +137,8 @@ class TrainingPair(BaseModel):
     text: str
     source: PairSource
     node_id: str
+    group: int | None = None
+    """Pairs of one group go into the same batches, as each other's hard negatives; ``None``: random batches."""
 
 
 class PairReport(BaseModel):
@@ -307,6 +309,19 @@ def in_batch_loss(
     return torch.nn.functional.cross_entropy(scores, torch.arange(n, device=scores.device))
 
 
+def batch_order(pairs: list[dict[str, Any]], rng: random.Random) -> list[int]:
+    """One epoch's order of pair indices, cut into batches as it runs: random, or, when the pairs carry groups,
+    group after group in random order (members shuffled), so a batch holds whole groups of similar items."""
+    if all(p.get("group") is None for p in pairs):
+        return rng.sample(range(len(pairs)), len(pairs))
+    groups: dict[Any, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(pair.get("group"), []).append(i)
+    members = list(groups.values())
+    rng.shuffle(members)
+    return [i for group in members for i in rng.sample(group, len(group))]
+
+
 def _encode(model: Any, texts: list[str], device: torch.device) -> torch.Tensor:
     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.preprocess(texts).items()}
     return model(features)["sentence_embedding"]
@@ -349,7 +364,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             break
         started = time.perf_counter()
         model.train()
-        order = random.Random(optim.seed * 1000 + epoch).sample(range(len(pairs)), len(pairs))[rank::size]
+        order = batch_order(pairs, random.Random(optim.seed * 1000 + epoch))[rank::size]
         losses: list[float] = []
         for b in range(steps_per_epoch):
             if step >= total_steps:
@@ -525,6 +540,7 @@ __all__ = [
     "RetrieverResult",
     "RetrieverTrainConfig",
     "TrainingPair",
+    "batch_order",
     "check_outputs",
     "fit_bi_encoder",
     "in_batch_loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,14 @@ from ehrflow.knowledge.build import index_openkg
 from ehrflow.knowledge.text import casefold_key
 from ehrflow.retrieval import EntityIndex, SentenceTransformerEmbedder, chroma_client
 from ehrflow.retrieval.entity_index import DEFAULT_ID_PREFIXES, DEFAULT_NODE_TYPES, scope_labels
-from ehrflow.training.grounding_encoder import GroundingEncoderConfig, synonym_pairs, train_grounding_encoder
+from ehrflow.training.grounding_encoder import (
+    GroundingEncoderConfig,
+    group_similar_nodes,
+    synonym_pairs,
+    train_grounding_encoder,
+)
 from ehrflow.training.ray_utils import RayTrainConfig
-from ehrflow.training.retriever import MAX_QUERY_CHARS, RetrieverOptim
+from ehrflow.training.retriever import MAX_QUERY_CHARS, RetrieverOptim, batch_order
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kg_tiny"
 
@@ -52,6 +58,33 @@ def test_synonym_pairs_join_labels_of_one_node_within_the_scope(kg):
     expected = {n for n, texts in node_labels.items() if sum(len(t) <= MAX_QUERY_CHARS for t in texts) >= 2}
     assert set(per_node) == expected
     assert synonym_pairs(labels, max_pairs_per_node=2) == pairs  # seeded
+
+
+def test_grouped_batches_put_nodes_with_similar_names_together(kg, tmp_path):
+    pairs = synonym_pairs(scope_labels(kg, DEFAULT_NODE_TYPES, DEFAULT_ID_PREFIXES), max_pairs_per_node=4)
+    grouped = group_similar_nodes(pairs, kg, GroundingEncoderConfig(output_dir=tmp_path / "unused", group_nodes=3))
+
+    assert [p.model_copy(update={"group": None}) for p in grouped] == pairs  # only the tag is added
+    group_of = {p.node_id: p.group for p in grouped}
+    assert all(p.group == group_of[p.node_id] for p in grouped) and len(set(group_of.values())) > 2
+    # the groups follow the base encoder's geometry: names within a group are closer than names across groups
+    node_ids = sorted(group_of)
+    vectors = SentenceTransformerEmbedder().encode([kg.get(n).name for n in node_ids])
+    cosine = vectors @ vectors.T
+    same = np.array([[group_of[a] == group_of[b] for b in node_ids] for a in node_ids]) & ~np.eye(
+        len(node_ids), dtype=bool
+    )
+    different = np.array([[group_of[a] != group_of[b] for b in node_ids] for a in node_ids])
+    assert cosine[same].mean() > cosine[different].mean() + 0.05
+
+    # an epoch's order runs group after group, so a batch holds whole groups; without groups it is a plain shuffle
+    order = batch_order([p.model_dump() for p in grouped], random.Random(0))
+    assert sorted(order) == list(range(len(grouped)))
+    sequence = [grouped[i].group for i in order]
+    runs = [g for k, g in enumerate(sequence) if k == 0 or sequence[k - 1] != g]
+    assert len(runs) == len(set(sequence))
+    plain = batch_order([p.model_dump() for p in pairs], random.Random(0))
+    assert plain == random.Random(0).sample(range(len(pairs)), len(pairs))
 
 
 def test_train_grounding_encoder_pulls_synonyms_together_and_grounds(ray_session, kg, tmp_path, monkeypatch):
@@ -97,7 +130,8 @@ def test_two_workers_train_the_grounding_encoder(ray_session, kg, tmp_path, monk
 def test_local_mode_keeps_the_whole_loss_curve(ray_session, kg, tmp_path, monkeypatch):
     """Ray Train's local mode (0 workers, as the benchmarks run) keeps no metrics history; the checkpoint does."""
     monkeypatch.setenv("EHRFLOW_HOME", str(tmp_path / "home"))
-    result = train_grounding_encoder(_config(tmp_path, "grounding-local", epochs=2, num_workers=0), kg=kg)
+    config = _config(tmp_path, "grounding-local", epochs=2, num_workers=0).model_copy(update={"group_nodes": 4})
+    result = train_grounding_encoder(config, kg=kg)  # grouped batches, so that path trains end to end too
 
     assert len(result.train_loss) == 2 and all(np.isfinite(result.train_loss))
     assert json.loads((result.model_dir / "ehrflow_retriever.json").read_text())["train_loss"] == result.train_loss
