@@ -381,7 +381,7 @@ def main() -> None:
         if args.threshold is not None:
             tuned_index.threshold = args.threshold
         tuned_build = tuned_index.build(progress=sys.stderr.isatty())
-        tuned_record = args.work_dir / f"build-tuned-{tag}.json"
+        tuned_record = args.work_dir / f"build-{tuned.name}.json"  # per encoder: its weights name its index
         if not tuned_build.skipped:
             tuned_record.write_text(json.dumps({"build_seconds": round(tuned_build.seconds, 1)}))
         encoder["build_seconds"] = (

@@ -99,11 +99,7 @@ def group_similar_nodes(
     from ehrflow.retrieval.embedder import SentenceTransformerEmbedder
 
     node_ids = sorted({p.node_id for p in pairs})
-    names = []
-    for node_id in node_ids:
-        node = kg.get(node_id)
-        names.append(node.name if node is not None else node_id)
-    vectors = SentenceTransformerEmbedder(config.base_model).encode(names)
+    vectors = SentenceTransformerEmbedder(config.base_model).encode([kg.node(n).name for n in node_ids])
     clusters = max(1, round(len(node_ids) / (config.group_nodes or 1)))
     assigned = MiniBatchKMeans(n_clusters=clusters, random_state=config.train.seed, n_init=3).fit_predict(vectors)
     group = dict(zip(node_ids, (int(a) for a in assigned), strict=True))
